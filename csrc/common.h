@@ -1,0 +1,99 @@
+// Input checks and small helpers shared by the CPU and CUDA backends. Nothing here touches
+// tensor data: the backends check, allocate and dispatch; the kernels compute.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/Optional.h>
+
+namespace normext {
+
+// Statistics and accumulation dtype: float32 for float32/float16/bfloat16 inputs, float64 for float64.
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_floating_input(const at::Tensor& x, const char* op) {
+  auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
+              ": expected input of dtype float32, float64, float16 or bfloat16, but got ", t);
+}
+
+// A parameter (weight, bias, running statistic) must have `numel` elements, live on x's device,
+// and have x's dtype, or float32 when x is float16/bfloat16 (mixed precision, as in torch).
+inline void check_param(const c10::optional<at::Tensor>& p, const at::Tensor& x, int64_t numel,
+                        const char* op, const char* name) {
+  if (!p.has_value() || !p->defined()) return;
+  TORCH_CHECK(p->numel() == numel, op, ": ", name, " should contain ", numel, " elements, not ",
+              p->numel());
+  TORCH_CHECK(p->device() == x.device(), op, ": ", name, " is on ", p->device(),
+              " but input is on ", x.device());
+  auto xt = x.scalar_type(), pt = p->scalar_type();
+  bool half_input = xt == at::kHalf || xt == at::kBFloat16;
+  TORCH_CHECK(pt == xt || (half_input && pt == at::kFloat), op, ": ", name, " has dtype ", pt,
+              " but input has dtype ", xt, " (a parameter must have the input's dtype, or float32 "
+              "for a float16/bfloat16 input)");
+}
+
+// The parameter as a contiguous 1-D tensor of the accumulation dtype, or an undefined tensor.
+inline at::Tensor param_as_acc(const c10::optional<at::Tensor>& p, at::ScalarType acc) {
+  if (!p.has_value() || !p->defined()) return at::Tensor();
+  return p->reshape({-1}).to(acc).contiguous();
+}
+
+template <typename T>
+inline const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+}  // namespace normext
+
+namespace normext {
+
+// BatchNorm sees x (N, C, *) as (N, C, S) with S the product of the spatial sizes. Two memory
+// layouts are handled natively:
+//   planar:        NCHW-contiguous, each (n, c) plane is S consecutive values;
+//   channels-last: (N, S, C) in memory (channels_last / channels_last_3d, and a contiguous
+//                  (N, C) input), each of the N*S rows holds C consecutive channel values.
+// Any other strides are copied to the planar layout first.
+inline bool is_channels_last_like(const at::Tensor& x) {
+  int64_t expected = 1;
+  auto fits = [&](int64_t d) {
+    if (x.size(d) != 1 && x.stride(d) != expected) return false;
+    expected *= x.size(d);
+    return true;
+  };
+  if (!fits(1)) return false;
+  for (int64_t d = x.dim() - 1; d >= 2; --d)
+    if (!fits(d)) return false;
+  return fits(0);
+}
+
+struct BnShape {
+  int64_t n, c, s;  // batch, channels, spatial
+  bool channels_last;
+  int64_t count() const { return n * s; }  // values per channel
+};
+
+// Returns x in a layout the kernels handle (itself when possible, else a planar copy).
+inline at::Tensor bn_layout(const at::Tensor& x, BnShape& shape) {
+  shape.n = x.size(0);
+  shape.c = x.size(1);
+  shape.s = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) shape.s *= x.size(d);
+  if ((shape.s == 1 || !x.is_contiguous()) && is_channels_last_like(x)) {
+    shape.channels_last = true;
+    return x;
+  }
+  shape.channels_last = shape.s == 1;  // a contiguous (N, C, 1...) is also channels-last
+  return x.contiguous();
+}
+
+// grad_out in the same memory layout as x (autograd may hand it over in another one).
+inline at::Tensor like_layout(const at::Tensor& t, const at::Tensor& x) {
+  if (t.strides() == x.strides()) return t;
+  return at::empty_like(x).copy_(t);
+}
+
+}  // namespace normext

@@ -1,0 +1,279 @@
+// LayerNorm on the CPU, over rows: x is viewed as (M, N) with N the product of normalized_shape.
+//   forward, per row: mean and biased var (two passes, vec_utils.h), rstd = 1 / sqrt(var + eps),
+//     y = (x - mean) * rstd * weight + bias;
+//   backward, per row, with xhat = (x - mean) * rstd and g = weight * dy:
+//     dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
+//   and per element over all rows: dweight = sum(dy * xhat), dbias = sum(dy).
+// Work split: rows are independent and go to threads in ranges (at::parallel_for). The column
+// sums of the backward use at most kBlocks fixed row blocks, each summing its rows into its own
+// buffer; the blocks are then added in order, so results do not depend on the thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "common.h"
+#include "cpu/vec_utils.h"
+
+namespace normext::cpu {
+namespace {
+
+constexpr int64_t kBlocks = 64;
+
+// Mean and rstd of one row of n values.
+template <typename T>
+inline void row_moments(const T* x, int64_t n, double eps, double& mean, double& rstd) {
+  using A = acc_t<T>;
+  if (n == 0) {
+    mean = 0;
+    rstd = 1.0 / std::sqrt(eps);
+    return;
+  }
+  const A m = static_cast<A>(span_pass1(x, n).shift(n));
+  double var;
+  finish_moments(static_cast<double>(m), span_pass2(x, n, m), n, mean, var);
+  rstd = 1.0 / std::sqrt(var + eps);
+}
+
+// y = (x - mean) * rstd * w + b over one row (w or b may be null).
+template <typename T>
+inline void row_forward(const T* x, T* y, int64_t n, acc_t<T> mean, acc_t<T> rstd,
+                        const acc_t<T>* w, const acc_t<T>* b) {
+  using P = VecPair<T>;
+  using A = typename P::A;
+  using V = typename P::V;
+  if (w == nullptr && b == nullptr) {
+    span_affine(x, y, n, mean, rstd, A(0));
+    return;
+  }
+  const V vm(mean), vr(rstd), one(A(1)), zero(A(0));
+  const int64_t h = V::size();
+  int64_t j = 0;
+  for (; j + P::kStep <= n; j += P::kStep) {
+    V a, c;
+    P::load(x + j, a, c);
+    a = (a - vm) * vr;
+    c = (c - vm) * vr;
+    const V w0 = w ? V::loadu(w + j) : one, w1 = w ? V::loadu(w + j + h) : one;
+    const V b0 = b ? V::loadu(b + j) : zero, b1 = b ? V::loadu(b + j + h) : zero;
+    P::store(y + j, at::vec::fmadd(a, w0, b0), at::vec::fmadd(c, w1, b1));
+  }
+  for (; j < n; ++j) {
+    A v = (static_cast<A>(x[j]) - mean) * rstd;
+    if (w) v *= w[j];
+    if (b) v += b[j];
+    y[j] = static_cast<T>(v);
+  }
+}
+
+// dx for one row, and its dy * xhat and dy added into the column sums (when asked for).
+template <typename T>
+inline void row_backward(const T* dy, const T* x, T* dx, int64_t n, acc_t<T> mean, acc_t<T> rstd,
+                         const acc_t<T>* w, acc_t<T>* dw_sum, acc_t<T>* db_sum) {
+  using P = VecPair<T>;
+  using A = typename P::A;
+  using V = typename P::V;
+  const V vm(mean), vr(rstd), one(A(1));
+  const int64_t h = V::size();
+  if (dx != nullptr) {
+    // sums of g and g * xhat over the row
+    V sg0(A(0)), sg1(A(0)), sgx0(A(0)), sgx1(A(0));
+    int64_t j = 0;
+    for (; j + P::kStep <= n; j += P::kStep) {
+      V g0, g1, x0, x1;
+      P::load(dy + j, g0, g1);
+      P::load(x + j, x0, x1);
+      if (w) {
+        g0 = g0 * V::loadu(w + j);
+        g1 = g1 * V::loadu(w + j + h);
+      }
+      sg0 += g0;
+      sg1 += g1;
+      sgx0 = at::vec::fmadd(g0, (x0 - vm) * vr, sgx0);
+      sgx1 = at::vec::fmadd(g1, (x1 - vm) * vr, sgx1);
+    }
+    A sg = hsum(sg0 + sg1), sgx = hsum(sgx0 + sgx1);
+    for (; j < n; ++j) {
+      A g = static_cast<A>(dy[j]) * (w ? w[j] : A(1));
+      sg += g;
+      sgx += g * (static_cast<A>(x[j]) - mean) * rstd;
+    }
+    const A c1 = sg / static_cast<A>(n), c2 = sgx / static_cast<A>(n);
+    const V vc1(c1), vc2(c2);
+    j = 0;
+    for (; j + P::kStep <= n; j += P::kStep) {
+      V g0, g1, x0, x1;
+      P::load(dy + j, g0, g1);
+      P::load(x + j, x0, x1);
+      if (w) {
+        g0 = g0 * V::loadu(w + j);
+        g1 = g1 * V::loadu(w + j + h);
+      }
+      const V xh0 = (x0 - vm) * vr, xh1 = (x1 - vm) * vr;
+      P::store(dx + j, vr * (g0 - vc1 - xh0 * vc2), vr * (g1 - vc1 - xh1 * vc2));
+    }
+    for (; j < n; ++j) {
+      A g = static_cast<A>(dy[j]) * (w ? w[j] : A(1));
+      A xh = (static_cast<A>(x[j]) - mean) * rstd;
+      dx[j] = static_cast<T>(rstd * (g - c1 - xh * c2));
+    }
+  }
+  if (dw_sum != nullptr || db_sum != nullptr) {
+    int64_t j = 0;
+    for (; j + P::kStep <= n; j += P::kStep) {
+      V g0, g1;
+      P::load(dy + j, g0, g1);
+      if (dw_sum != nullptr) {
+        V x0, x1;
+        P::load(x + j, x0, x1);
+        at::vec::fmadd(g0, (x0 - vm) * vr, V::loadu(dw_sum + j)).store(dw_sum + j);
+        at::vec::fmadd(g1, (x1 - vm) * vr, V::loadu(dw_sum + j + h)).store(dw_sum + j + h);
+      }
+      if (db_sum != nullptr) {
+        (V::loadu(db_sum + j) + g0).store(db_sum + j);
+        (V::loadu(db_sum + j + h) + g1).store(db_sum + j + h);
+      }
+    }
+    for (; j < n; ++j) {
+      A g = static_cast<A>(dy[j]);
+      if (dw_sum != nullptr) dw_sum[j] += g * (static_cast<A>(x[j]) - mean) * rstd;
+      if (db_sum != nullptr) db_sum[j] += g;
+    }
+  }
+  (void)one;
+}
+
+void check_ln_input(const at::Tensor& x, int64_t ndim, const char* op) {
+  check_floating_input(x, op);
+  TORCH_CHECK(ndim >= 1 && ndim <= x.dim(), op, ": normalized_ndim must be in [1, ", x.dim(),
+              "] for an input of shape ", x.sizes(), ", but got ", ndim);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
+    const at::Tensor& input, int64_t normalized_ndim, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, double eps) {
+  const char* op = "normext::layer_norm_fwd";
+  check_ln_input(input, normalized_ndim, op);
+  const int64_t axis = input.dim() - normalized_ndim;
+  const int64_t M = c10::multiply_integers(input.sizes().begin(), input.sizes().begin() + axis);
+  const int64_t N = c10::multiply_integers(input.sizes().begin() + axis, input.sizes().end());
+  check_param(weight, input, N, op, "weight");
+  check_param(bias, input, N, op, "bias");
+  const auto acc = acc_dtype(input.scalar_type());
+  at::Tensor x = input.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor mean = at::empty(x.sizes().slice(0, axis), x.options().dtype(acc));
+  at::Tensor rstd = at::empty(x.sizes().slice(0, axis), x.options().dtype(acc));
+  at::Tensor w = param_as_acc(weight, acc), b = param_as_acc(bias, acc);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_fwd", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    A* mp = mean.mutable_data_ptr<A>();
+    A* rp = rstd.mutable_data_ptr<A>();
+    const A* wp = ptr_or_null<A>(w);
+    const A* bp = ptr_or_null<A>(b);
+    at::parallel_for(0, M, std::max<int64_t>(1, 8192 / std::max<int64_t>(N, 1)),
+                     [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        double m, rs;
+        row_moments(xp + r * N, N, eps, m, rs);
+        mp[r] = static_cast<A>(m);
+        rp[r] = static_cast<A>(rs);
+        row_forward(xp + r * N, yp + r * N, N, mp[r], rp[r], wp, bp);
+      }
+    });
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
+    const at::Tensor& grad_out, const at::Tensor& input, int64_t normalized_ndim,
+    const at::Tensor& mean, const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
+    std::array<bool, 3> mask) {
+  const char* op = "normext::layer_norm_bwd";
+  check_ln_input(input, normalized_ndim, op);
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), op, ": grad_out has shape ", grad_out.sizes(),
+              " but input has shape ", input.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), op, ": grad_out has dtype ",
+              grad_out.scalar_type(), " but input has dtype ", input.scalar_type());
+  const int64_t axis = input.dim() - normalized_ndim;
+  const int64_t M = c10::multiply_integers(input.sizes().begin(), input.sizes().begin() + axis);
+  const int64_t N = c10::multiply_integers(input.sizes().begin() + axis, input.sizes().end());
+  check_param(weight, input, N, op, "weight");
+  const auto acc = acc_dtype(input.scalar_type());
+  for (const at::Tensor* t : {&mean, &rstd})
+    TORCH_CHECK(t->numel() == M && t->scalar_type() == acc && t->device() == input.device(), op,
+                ": mean/rstd must be ", acc, " tensors of ", M,
+                " elements on the input's device, as layer_norm_fwd returns them");
+  at::Tensor x = input.contiguous(), dy = grad_out.contiguous();
+  at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
+  at::Tensor w = param_as_acc(weight, acc);
+  at::Tensor dx = mask[0] ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  auto param_shape = x.sizes().slice(axis);
+  at::Tensor dw = mask[1] ? at::empty(param_shape, x.options().dtype(acc)) : at::empty({0}, x.options().dtype(acc));
+  at::Tensor db = mask[2] ? at::empty(param_shape, x.options().dtype(acc)) : at::empty({0}, x.options().dtype(acc));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_bwd", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = dy.const_data_ptr<scalar_t>();
+    scalar_t* dxp = mask[0] ? dx.mutable_data_ptr<scalar_t>() : nullptr;
+    const A* mp = mean_c.const_data_ptr<A>();
+    const A* rp = rstd_c.const_data_ptr<A>();
+    const A* wp = ptr_or_null<A>(w);
+    const bool sums = mask[1] || mask[2];
+    const int64_t blocks = sums ? std::max<int64_t>(1, std::min(M, kBlocks)) : 1;
+    std::vector<A> part(sums ? blocks * 2 * N : 0, A(0));
+    if (N > 0 && M > 0) {
+      auto body = [&](int64_t b0, int64_t b1) {
+        for (int64_t blk = b0; blk < b1; ++blk) {
+          A* dws = mask[1] ? part.data() + blk * 2 * N : nullptr;
+          A* dbs = mask[2] ? part.data() + blk * 2 * N + N : nullptr;
+          const int64_t r0 = blk * M / blocks, r1 = (blk + 1) * M / blocks;
+          for (int64_t r = r0; r < r1; ++r)
+            row_backward(gp + r * N, xp + r * N, dxp ? dxp + r * N : nullptr, N, mp[r], rp[r], wp,
+                         dws, dbs);
+        }
+      };
+      if (sums) {
+        at::parallel_for(0, blocks, 1, body);
+      } else {
+        at::parallel_for(0, M, std::max<int64_t>(1, 8192 / N), [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r)
+            row_backward<scalar_t>(gp + r * N, xp + r * N, dxp + r * N, N, mp[r], rp[r], wp,
+                                   nullptr, nullptr);
+        });
+      }
+    }
+    if (sums) {
+      A* dwp = mask[1] ? dw.mutable_data_ptr<A>() : nullptr;
+      A* dbp = mask[2] ? db.mutable_data_ptr<A>() : nullptr;
+      at::parallel_for(0, N, 1024, [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j) {
+          double sw = 0, sb = 0;
+          for (int64_t blk = 0; blk < blocks; ++blk) {
+            sw += part[blk * 2 * N + j];
+            sb += part[blk * 2 * N + N + j];
+          }
+          if (dwp) dwp[j] = static_cast<A>(sw);
+          if (dbp) dbp[j] = static_cast<A>(sb);
+        }
+      });
+    }
+  });
+  return {dx, dw, db};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(normext, CPU, m) {
+  m.impl("layer_norm_fwd", &layer_norm_fwd);
+  m.impl("layer_norm_bwd", &layer_norm_bwd);
+}
+
+}  // namespace normext::cpu

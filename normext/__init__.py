@@ -1,0 +1,21 @@
+"""normext: hand-written CPU and CUDA kernels for BatchNorm and LayerNorm, as drop-in torch.nn modules."""
+
+from . import _C, ops  # noqa: F401  (registers torch.ops.normext.*)
+from . import functional
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, LayerNorm, convert
+
+__version__ = "0.1.0"
+
+#: whether the CUDA kernels were compiled into this build
+with_cuda: bool = bool(_C.with_cuda)
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "LayerNorm",
+    "convert",
+    "functional",
+    "ops",
+    "with_cuda",
+]

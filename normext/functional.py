@@ -1,0 +1,137 @@
+"""``batch_norm`` and ``layer_norm`` with torch.nn.functional's signatures and semantics, on the
+normext kernels: argument checks with clear messages, then the ops, then the running-statistics
+bookkeeping."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+__all__ = ["batch_norm", "layer_norm"]
+
+_FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _check_input_dtype(fn: str, x: Tensor) -> None:
+    if x.dtype not in _FLOATING:
+        raise TypeError(
+            f"{fn}: expected a floating-point input (float32, float64, float16 or bfloat16), "
+            f"but got {x.dtype}"
+        )
+
+
+def _check_param(fn: str, name: str, p: Tensor | None, x: Tensor, shape) -> None:
+    """Same device as x, x's dtype (or float32 for a half input), and the given shape/size."""
+    if p is None:
+        return
+    if not isinstance(p, Tensor):
+        raise TypeError(f"{fn}: {name} must be a Tensor or None, but got {type(p).__name__}")
+    if p.device != x.device:
+        raise RuntimeError(
+            f"{fn}: expected {name} on the input's device {x.device}, but it is on {p.device}"
+        )
+    if p.dtype != x.dtype and not (x.dtype in _HALF and p.dtype == torch.float32):
+        raise RuntimeError(
+            f"{fn}: {name} has dtype {p.dtype} but the input has dtype {x.dtype}; a parameter "
+            "must have the input's dtype, or float32 for a float16/bfloat16 input"
+        )
+    if isinstance(shape, int):
+        if p.numel() != shape:
+            raise RuntimeError(f"{fn}: {name} should contain {shape} elements not {p.numel()}")
+    elif tuple(p.shape) != tuple(shape):
+        raise RuntimeError(
+            f"{fn}: expected {name} to be of same shape as normalized_shape, but got {name} of "
+            f"shape {list(p.shape)} and normalized_shape = {list(shape)}"
+        )
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Batch normalization over dim 1 of ``input`` (N, C, *), like torch.nn.functional.batch_norm.
+
+    training: normalize with the batch statistics and, when running_mean/running_var are given,
+    update them in place: ``running = (1 - momentum) * running + momentum * batch`` with the
+    unbiased batch variance. Otherwise normalize with running_mean/running_var.
+    Unlike current torch, ``eps=0`` is accepted in training (the variance must then be nonzero).
+    """
+    fn = "batch_norm"
+    _check_input_dtype(fn, input)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    if eps < 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if not training and running_mean is None:
+        raise RuntimeError("running_mean must be defined in evaluation mode")
+    if input.dim() < 2:
+        if input.numel() == 0:
+            # torch returns an empty result for an empty 1-D input; treat it as (0, 0).
+            out = batch_norm(input.reshape(0, 0), running_mean, running_var, weight, bias,
+                             training, momentum, eps)
+            return out.reshape(input.shape)
+        raise ValueError(
+            f"batch_norm: expected an input of shape (N, C, *) with at least 2 dims, but got "
+            f"shape {tuple(input.shape)}"
+        )
+    channels = input.shape[1]
+    for name, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        _check_param(fn, name, p, input, channels)
+    count = input.numel() // channels if channels else 0
+    if training and count == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {input.size()}"
+        )
+
+    y, mean, _invstd, var = ops.batch_norm_fwd(
+        input, weight, bias, None if training else running_mean,
+        None if training else running_var, training, eps,
+    )
+    if training and running_mean is not None:
+        with torch.no_grad():
+            ops.batch_norm_update_stats_(running_mean, running_var, mean, var, momentum, count)
+    return y
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Layer normalization over the trailing ``normalized_shape`` dims of ``input``, like
+    torch.nn.functional.layer_norm."""
+    fn = "layer_norm"
+    _check_input_dtype(fn, input)
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    normalized_shape = tuple(normalized_shape)
+    k = len(normalized_shape)
+    if k == 0:
+        raise RuntimeError(
+            "Expected normalized_shape to be at least 1-dimensional, i.e., containing at least "
+            f"one element, but got normalized_shape = {list(normalized_shape)}"
+        )
+    if input.dim() < k or tuple(input.shape[input.dim() - k:]) != normalized_shape:
+        raise RuntimeError(
+            f"Given normalized_shape={list(normalized_shape)}, expected input with shape "
+            f"[*, {', '.join(str(s) for s in normalized_shape)}], but got input of size "
+            f"{list(input.shape)}"
+        )
+    _check_param(fn, "weight", weight, input, normalized_shape)
+    _check_param(fn, "bias", bias, input, normalized_shape)
+    y, _mean, _rstd = ops.layer_norm_fwd(input, k, weight, bias, eps)
+    return y

@@ -1,0 +1,79 @@
+"""Drop-in replacements for torch.nn.BatchNorm1d/2d/3d and torch.nn.LayerNorm.
+
+Each class subclasses its torch.nn counterpart and overrides ``forward`` only, so constructor
+arguments, parameters, buffers, ``state_dict``, ``reset_parameters``, ``repr`` and ``isinstance``
+checks are torch's own."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "convert"]
+
+
+class _BatchNormForward:
+    """torch.nn.modules.batchnorm._BatchNorm.forward's bookkeeping, on normext.functional."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        # Batch statistics in training, and in eval when no running statistics are kept.
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        use_running = not self.training or self.track_running_stats
+        return F.batch_norm(
+            input,
+            self.running_mean if use_running else None,
+            self.running_var if use_running else None,
+            self.weight,
+            self.bias,
+            bn_training,
+            factor,
+            self.eps,
+        )
+
+
+class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
+    """torch.nn.BatchNorm1d on normext kernels: input (N, C) or (N, C, L)."""
+
+
+class BatchNorm2d(_BatchNormForward, nn.BatchNorm2d):
+    """torch.nn.BatchNorm2d on normext kernels: input (N, C, H, W), NCHW or channels_last."""
+
+
+class BatchNorm3d(_BatchNormForward, nn.BatchNorm3d):
+    """torch.nn.BatchNorm3d on normext kernels: input (N, C, D, H, W), NCDHW or channels_last_3d."""
+
+
+class LayerNorm(nn.LayerNorm):
+    """torch.nn.LayerNorm on normext kernels: normalizes over the trailing normalized_shape."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+_REPLACEMENTS = {
+    nn.BatchNorm1d: BatchNorm1d,
+    nn.BatchNorm2d: BatchNorm2d,
+    nn.BatchNorm3d: BatchNorm3d,
+    nn.LayerNorm: LayerNorm,
+}
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Make every torch.nn.BatchNorm1d/2d/3d and torch.nn.LayerNorm in ``model`` (exact types, not
+    subclasses) its normext equivalent, in place, and return ``model``.
+
+    The modules keep their identity, parameters, buffers, hooks and train/eval state: only their
+    class changes, so optimizers holding the parameters keep working."""
+    for module in model.modules():
+        new_cls = _REPLACEMENTS.get(type(module))
+        if new_cls is not None:
+            module.__class__ = new_cls
+    return model

@@ -1,0 +1,188 @@
+"""Typed wrappers over ``torch.ops.normext.*``, with their fake (shape-only) and autograd
+registrations. Importing this module loads the compiled library, which registers the ops."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library: runs TORCH_LIBRARY registrations)
+
+__all__ = [
+    "layer_norm_fwd",
+    "layer_norm_bwd",
+    "batch_norm_fwd",
+    "batch_norm_bwd",
+    "batch_norm_update_stats_",
+]
+
+_ops = torch.ops.normext
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics dtype: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---- LayerNorm ----------------------------------------------------------------------------------
+
+
+def layer_norm_fwd(x, normalized_ndim: int, weight, bias, eps: float):
+    """Returns (y, mean, rstd); mean/rstd have shape x.shape[:-normalized_ndim]."""
+    return _ops.layer_norm_fwd.default(x, normalized_ndim, weight, bias, eps)
+
+
+def layer_norm_bwd(dy, x, normalized_ndim: int, mean, rstd, weight, output_mask):
+    """Returns (dx, dweight, dbias); dweight/dbias in the statistics' dtype, empty if not asked."""
+    return _ops.layer_norm_bwd.default(dy, x, normalized_ndim, mean, rstd, weight, output_mask)
+
+
+@torch.library.register_fake("normext::layer_norm_fwd")
+def _layer_norm_fwd_fake(x, normalized_ndim, weight, bias, eps):
+    torch._check(1 <= normalized_ndim <= x.dim(), lambda: "normalized_ndim out of range")
+    lead = x.shape[: x.dim() - normalized_ndim]
+    acc = _acc_dtype(x.dtype)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(lead, dtype=acc), x.new_empty(lead, dtype=acc)
+
+
+@torch.library.register_fake("normext::layer_norm_bwd")
+def _layer_norm_bwd_fake(dy, x, normalized_ndim, mean, rstd, weight, output_mask):
+    acc = _acc_dtype(x.dtype)
+    pshape = x.shape[x.dim() - normalized_ndim :]
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if output_mask[0] else x.new_empty((0,))
+    dw = x.new_empty(pshape if output_mask[1] else (0,), dtype=acc)
+    db = x.new_empty(pshape if output_mask[2] else (0,), dtype=acc)
+    return dx, dw, db
+
+
+def _layer_norm_setup_context(ctx, inputs, output):
+    x, normalized_ndim, weight, bias, eps = inputs
+    _, mean, rstd = output
+    ctx.normalized_ndim = normalized_ndim
+    ctx.has_weight = weight is not None
+    ctx.has_bias = bias is not None
+    ctx.weight_dtype = weight.dtype if weight is not None else None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x, weight, mean, rstd)
+
+
+def _layer_norm_backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    mask = [
+        ctx.needs_input_grad[0],
+        ctx.has_weight and ctx.needs_input_grad[2],
+        ctx.has_bias and ctx.needs_input_grad[3],
+    ]
+    dx, dw, db = layer_norm_bwd(dy.to(x.dtype), x, ctx.normalized_ndim, mean, rstd, weight, mask)
+    return (
+        dx if mask[0] else None,
+        None,
+        dw.to(ctx.weight_dtype) if mask[1] else None,
+        db.to(ctx.bias_dtype) if mask[2] else None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "normext::layer_norm_fwd", _layer_norm_backward, setup_context=_layer_norm_setup_context
+)
+
+
+# ---- BatchNorm ----------------------------------------------------------------------------------
+
+
+def batch_norm_fwd(x, weight, bias, running_mean, running_var, training: bool, eps: float):
+    """Returns (y, save_mean, save_invstd, batch_var); batch_var is empty in eval."""
+    return _ops.batch_norm_fwd.default(x, weight, bias, running_mean, running_var, training, eps)
+
+
+def batch_norm_bwd(dy, x, weight, save_mean, save_invstd, training: bool, output_mask):
+    """Returns (dx, dweight, dbias); dweight/dbias in the statistics' dtype, empty if not asked."""
+    return _ops.batch_norm_bwd.default(dy, x, weight, save_mean, save_invstd, training, output_mask)
+
+
+def batch_norm_update_stats_(running_mean, running_var, batch_mean, batch_var, momentum: float, count):
+    """In-place running-statistics update (no autograd)."""
+    _ops.batch_norm_update_stats_.default(running_mean, running_var, batch_mean, batch_var, momentum, count)
+
+
+def _is_channels_last_like(x) -> bool:
+    """(N, C, *) stored as (N, *, C): the layout csrc/common.h calls channels-last."""
+    expected = 1
+    for d in [1, *range(x.dim() - 1, 1, -1), 0]:
+        if x.shape[d] != 1 and x.stride(d) != expected:
+            return False
+        expected *= x.shape[d]
+    return True
+
+
+def _bn_like(x):
+    """An empty tensor laid out as the kernels lay out BatchNorm's output (csrc/common.h)."""
+    spatial = 1
+    for s in x.shape[2:]:
+        spatial *= s
+    if (spatial == 1 or not x.is_contiguous()) and _is_channels_last_like(x):
+        return torch.empty_like(x)
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("normext::batch_norm_fwd")
+def _batch_norm_fwd_fake(x, weight, bias, running_mean, running_var, training, eps):
+    torch._check(x.dim() >= 2, lambda: "batch_norm expects an input with at least 2 dims")
+    c = x.shape[1]
+    acc = _acc_dtype(x.dtype)
+    return (
+        _bn_like(x),
+        x.new_empty((c,), dtype=acc),
+        x.new_empty((c,), dtype=acc),
+        x.new_empty((c if training else 0,), dtype=acc),
+    )
+
+
+@torch.library.register_fake("normext::batch_norm_bwd")
+def _batch_norm_bwd_fake(dy, x, weight, save_mean, save_invstd, training, output_mask):
+    c = x.shape[1]
+    acc = _acc_dtype(x.dtype)
+    dx = _bn_like(x) if output_mask[0] else x.new_empty((0,))
+    return dx, x.new_empty((c if output_mask[1] else 0,), dtype=acc), x.new_empty((c if output_mask[2] else 0,), dtype=acc)
+
+
+@torch.library.register_fake("normext::batch_norm_update_stats_")
+def _batch_norm_update_stats_fake(running_mean, running_var, batch_mean, batch_var, momentum, count):
+    return None
+
+
+def _batch_norm_setup_context(ctx, inputs, output):
+    x, weight, bias, running_mean, running_var, training, eps = inputs
+    _, save_mean, save_invstd, batch_var = output
+    ctx.training = training
+    ctx.has_weight = weight is not None
+    ctx.has_bias = bias is not None
+    ctx.weight_dtype = weight.dtype if weight is not None else None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.mark_non_differentiable(save_mean, save_invstd, batch_var)
+    ctx.save_for_backward(x, weight, save_mean, save_invstd)
+
+
+def _batch_norm_backward(ctx, dy, _dmean, _dinvstd, _dvar):
+    x, weight, save_mean, save_invstd = ctx.saved_tensors
+    mask = [
+        ctx.needs_input_grad[0],
+        ctx.has_weight and ctx.needs_input_grad[1],
+        ctx.has_bias and ctx.needs_input_grad[2],
+    ]
+    dx, dw, db = batch_norm_bwd(dy.to(x.dtype), x, weight, save_mean, save_invstd, ctx.training, mask)
+    return (
+        dx if mask[0] else None,
+        dw.to(ctx.weight_dtype) if mask[1] else None,
+        db.to(ctx.bias_dtype) if mask[2] else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "normext::batch_norm_fwd", _batch_norm_backward, setup_context=_batch_norm_setup_context
+)

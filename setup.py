@@ -1,0 +1,97 @@
+"""Build normext._C: the C++ (CPU) kernels, and the CUDA kernels when a toolkit is found.
+
+Environment:
+  NORMEXT_CUDA=auto|0|1   auto (default): build csrc/cuda/*.cu when torch was built with CUDA and
+                          a CUDA toolkit (nvcc) is found; no visible GPU is needed.
+  NORMEXT_CPU_ISA=auto|avx2|avx512|default
+                          instruction set for the at::vec::Vectorized loops. auto picks avx2 when
+                          the build machine has AVX2+FMA+F16C (the extension is built where it runs).
+  DEBUG=1                 -O0 -g instead of -O3.
+  TORCH_CUDA_ARCH_LIST, MAX_JOBS are honoured as by torch.utils.cpp_extension.
+"""
+
+import glob
+import os
+import platform
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(HERE, "csrc")
+
+
+def _rel(paths):
+    return sorted(os.path.relpath(p, HERE) for p in paths)
+
+
+def _want_cuda():
+    flag = os.environ.get("NORMEXT_CUDA", "auto").lower()
+    if flag in ("0", "false", "no", "off"):
+        return False
+    import torch
+
+    found = torch.version.cuda is not None and CUDA_HOME is not None
+    if flag in ("1", "true", "yes", "on"):
+        if not found:
+            raise RuntimeError(
+                "NORMEXT_CUDA=1 but no CUDA build is possible: torch.version.cuda="
+                f"{torch.version.cuda}, CUDA_HOME={CUDA_HOME}"
+            )
+        return True
+    return found
+
+
+def _cpu_flags():
+    isa = os.environ.get("NORMEXT_CPU_ISA", "auto").lower()
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    if isa == "auto":
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = set(f.read().split())
+        except OSError:
+            flags = set()
+        isa = "avx2" if {"avx2", "fma", "f16c"} <= flags else "default"
+    if isa == "avx2":
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    if isa == "avx512":
+        return [
+            "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+            "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512",
+        ]
+    return []
+
+
+debug = os.environ.get("DEBUG", "0") == "1"
+opt = ["-O0", "-g"] if debug else ["-O3"]
+with_cuda = _want_cuda()
+
+sources = _rel(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+cxx_flags = opt + ["-std=c++17", "-fopenmp", "-DNORMEXT_EXTENSION"] + _cpu_flags()
+ext_kwargs = dict(
+    name="normext._C",
+    sources=sources,
+    include_dirs=[CSRC],
+    extra_link_args=["-fopenmp"],
+)
+if with_cuda:
+    sources += _rel(glob.glob(os.path.join(CSRC, "cuda", "*.cu")) + glob.glob(os.path.join(CSRC, "cuda", "*.cpp")))
+    ext = CUDAExtension(
+        **ext_kwargs,
+        define_macros=[("NORMEXT_WITH_CUDA", None)],
+        extra_compile_args={
+            "cxx": cxx_flags,
+            "nvcc": opt + ["-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
+        },
+    )
+else:
+    ext = CppExtension(**ext_kwargs, extra_compile_args={"cxx": cxx_flags})
+
+setup(
+    name="normext",
+    version="0.1.0",
+    packages=find_packages(include=["normext", "normext.*"]),
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
