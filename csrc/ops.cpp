@@ -32,8 +32,11 @@ TORCH_LIBRARY(normext, m) {
         " -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   // running = (1 - momentum) * running + momentum * batch, with the variance made unbiased by
   // count / (count - 1). Nothing changes when count == 0 (an empty batch), as in torch.
+  // With num_batches_tracked given, momentum is ignored and the factor is 1 / num_batches_tracked
+  // (momentum=None: a cumulative average), read on the device so no host sync is needed.
   m.def("batch_norm_update_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, "
-        "Tensor batch_mean, Tensor batch_var, float momentum, SymInt count) -> ()");
+        "Tensor batch_mean, Tensor batch_var, float momentum, SymInt count, "
+        "Tensor? num_batches_tracked=None) -> ()");
 }
 
 #ifdef NORMEXT_EXTENSION

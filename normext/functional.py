@@ -67,6 +67,13 @@ def batch_norm(
     unbiased batch variance. Otherwise normalize with running_mean/running_var.
     Unlike current torch, ``eps=0`` is accepted in training (the variance must then be nonzero).
     """
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                num_batches_tracked=None):
+    """batch_norm; with num_batches_tracked, the running statistics are a cumulative average
+    (momentum=None in the modules), updated without reading the count on the host."""
     fn = "batch_norm"
     _check_input_dtype(fn, input)
     if (running_mean is None) != (running_var is None):
@@ -78,8 +85,8 @@ def batch_norm(
     if input.dim() < 2:
         if input.numel() == 0:
             # torch returns an empty result for an empty 1-D input; treat it as (0, 0).
-            out = batch_norm(input.reshape(0, 0), running_mean, running_var, weight, bias,
-                             training, momentum, eps)
+            out = _batch_norm(input.reshape(0, 0), running_mean, running_var, weight, bias,
+                              training, momentum, eps, num_batches_tracked)
             return out.reshape(input.shape)
         raise ValueError(
             f"batch_norm: expected an input of shape (N, C, *) with at least 2 dims, but got "
@@ -101,7 +108,9 @@ def batch_norm(
     )
     if training and running_mean is not None:
         with torch.no_grad():
-            ops.batch_norm_update_stats_(running_mean, running_var, mean, var, momentum, count)
+            ops.batch_norm_update_stats_(
+                running_mean, running_var, mean, var, momentum, count, num_batches_tracked
+            )
     return y
 
 

@@ -20,14 +20,15 @@ class _BatchNormForward:
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         factor = 0.0 if self.momentum is None else self.momentum
+        cumulative = None
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
+            if self.momentum is None:  # cumulative moving average: factor 1 / num_batches_tracked
+                cumulative = self.num_batches_tracked
         # Batch statistics in training, and in eval when no running statistics are kept.
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_running = not self.training or self.track_running_stats
-        return F.batch_norm(
+        return F._batch_norm(
             input,
             self.running_mean if use_running else None,
             self.running_var if use_running else None,
@@ -36,6 +37,7 @@ class _BatchNormForward:
             bn_training,
             factor,
             self.eps,
+            cumulative,
         )
 
 

@@ -101,9 +101,14 @@ def batch_norm_bwd(dy, x, weight, save_mean, save_invstd, training: bool, output
     return _ops.batch_norm_bwd.default(dy, x, weight, save_mean, save_invstd, training, output_mask)
 
 
-def batch_norm_update_stats_(running_mean, running_var, batch_mean, batch_var, momentum: float, count):
-    """In-place running-statistics update (no autograd)."""
-    _ops.batch_norm_update_stats_.default(running_mean, running_var, batch_mean, batch_var, momentum, count)
+def batch_norm_update_stats_(
+    running_mean, running_var, batch_mean, batch_var, momentum: float, count, num_batches_tracked=None
+):
+    """In-place running-statistics update (no autograd). With num_batches_tracked, the factor is
+    1 / num_batches_tracked (momentum=None) and momentum is ignored."""
+    _ops.batch_norm_update_stats_.default(
+        running_mean, running_var, batch_mean, batch_var, momentum, count, num_batches_tracked
+    )
 
 
 def _is_channels_last_like(x) -> bool:
@@ -148,7 +153,9 @@ def _batch_norm_bwd_fake(dy, x, weight, save_mean, save_invstd, training, output
 
 
 @torch.library.register_fake("normext::batch_norm_update_stats_")
-def _batch_norm_update_stats_fake(running_mean, running_var, batch_mean, batch_var, momentum, count):
+def _batch_norm_update_stats_fake(
+    running_mean, running_var, batch_mean, batch_var, momentum, count, num_batches_tracked=None
+):
     return None
 
 
