@@ -7,14 +7,15 @@
 //     dx = weight * invstd * (dy - S1 / n - (x - mean) * invstd^2 * S2 / n);
 //   backward (eval): dx = weight * invstd * dy.
 //
-// Work split (see common.h for the layouts):
-//   planar (NCHW):  one task per (n, c) plane; per-plane results are merged per channel over n
-//                   in order.
+// Work split (see common.h for the layouts, and "work units" below):
+//   planar (NCHW):  units are (n, c) planes, cut into segments when huge; each unit's result is
+//                   merged per channel in order of n.
 //   channels-last:  fixed blocks of rows, grouped into at most kTasks tasks by shape alone; each
-//                   task accumulates its rows into per-channel buffers; task results are merged
-//                   per channel in task order.
+//                   block accumulates its rows into per-channel buffers vectorized across C;
+//                   task results are merged per channel in task order.
 // Both merge orders depend only on the shape, so results are bitwise reproducible whatever the
-// number of threads.
+// number of threads. Training forward reads x twice (statistics, then y) and backward reads
+// x and dy twice (sums, then dx).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -32,57 +33,40 @@ namespace {
 
 constexpr int64_t kTasks = 64;
 
-// ---- channels-last rows: per-row accumulation into per-channel buffers -----------------------
+// ---- work units -------------------------------------------------------------------------------
+//
+// planar: the N*C planes of S values are cut into segments of at most kSeg values, so that a
+//   few huge planes still spread over all threads; unit u is segment u % segs of plane u / segs.
+// channels-last: the R = N*S rows are cut into blocks of `rb` rows (about kChunk values, at
+//   least kMinRows rows), grouped into at most kTasks tasks; task t takes blocks
+//   [t*blocks/tasks, (t+1)*blocks/tasks).
+// Both depend on the shape alone.
 
-enum class Op { kSum, kMin, kMax };
+constexpr int64_t kSeg = 1 << 16;
+constexpr int64_t kMinRows = 16;
 
-inline double op_identity(Op op) {
-  if (op == Op::kMin) return std::numeric_limits<double>::infinity();
-  if (op == Op::kMax) return -std::numeric_limits<double>::infinity();
-  return 0;
-}
+struct Planar {
+  int64_t S, C, segs, units;
+  explicit Planar(const BnShape& sh)
+      : S(sh.s), C(sh.c), segs(std::max<int64_t>(1, (sh.s + kSeg - 1) / kSeg)),
+        units(sh.n * sh.c * segs) {}
+  int64_t plane(int64_t u) const { return u / segs; }
+  int64_t channel(int64_t u) const { return plane(u) % C; }
+  int64_t offset(int64_t u) const { return plane(u) * S + (u % segs) * kSeg; }
+  int64_t length(int64_t u) const { return std::min(kSeg, S - (u % segs) * kSeg); }
+};
 
-inline double op_apply(Op op, double a, double b) {
-  if (op == Op::kMin) return b < a ? b : a;
-  if (op == Op::kMax) return b > a ? b : a;
-  return a + b;
-}
-
-// Reduces rows [0, R) of C channels into out[k * C + c] for each of the K slots. row_fn(r, bufs)
-// accumulates row r into K acc_t buffers of length C. Rows go in blocks of `rb` (float sums of at
-// most kChunk values), blocks are grouped into tasks, and every merge has a fixed order.
-template <typename A, int K, typename RowFn>
-void rows_reduce(int64_t R, int64_t C, const Op (&ops)[K], const RowFn& row_fn, double* out) {
-  const int64_t rb = std::max<int64_t>(1, std::min<int64_t>(1024, kChunk / std::max<int64_t>(C, 1)));
-  const int64_t blocks = (R + rb - 1) / rb;
-  const int64_t tasks = std::max<int64_t>(1, std::min(blocks, kTasks));
-  std::vector<double> partial(tasks * K * C);
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<A> buf(K * C);
-    A* bufs[K];
-    for (int k = 0; k < K; ++k) bufs[k] = buf.data() + k * C;
-    for (int64_t t = t0; t < t1; ++t) {
-      double* part = partial.data() + t * K * C;
-      for (int k = 0; k < K; ++k) std::fill(part + k * C, part + (k + 1) * C, op_identity(ops[k]));
-      const int64_t b0 = t * blocks / tasks, b1 = (t + 1) * blocks / tasks;
-      for (int64_t b = b0; b < b1; ++b) {
-        for (int k = 0; k < K; ++k)
-          std::fill(bufs[k], bufs[k] + C, static_cast<A>(op_identity(ops[k])));
-        const int64_t r1 = std::min(R, (b + 1) * rb);
-        for (int64_t r = b * rb; r < r1; ++r) row_fn(r, bufs);
-        for (int k = 0; k < K; ++k)
-          for (int64_t c = 0; c < C; ++c)
-            part[k * C + c] = op_apply(ops[k], part[k * C + c], static_cast<double>(bufs[k][c]));
-      }
-    }
-  });
-  for (int k = 0; k < K; ++k)
-    for (int64_t c = 0; c < C; ++c) {
-      double v = op_identity(ops[k]);
-      for (int64_t t = 0; t < tasks; ++t) v = op_apply(ops[k], v, partial[(t * K + k) * C + c]);
-      out[k * C + c] = v;
-    }
-}
+struct RowBlocks {
+  int64_t R, C, rb, blocks, tasks;
+  RowBlocks(int64_t rows, int64_t c) : R(rows), C(c) {
+    rb = std::max<int64_t>(kMinRows, std::min<int64_t>(1024, kChunk / std::max<int64_t>(C, 1)));
+    blocks = (R + rb - 1) / rb;
+    tasks = std::max<int64_t>(1, std::min(blocks, kTasks));
+  }
+  int64_t first_block(int64_t t) const { return t * blocks / tasks; }
+  int64_t row0(int64_t b) const { return b * rb; }
+  int64_t row1(int64_t b) const { return std::min(R, (b + 1) * rb); }
+};
 
 // Row helpers, vectorized over the channels. A row holds C consecutive values.
 template <typename T>
@@ -91,12 +75,13 @@ struct Rows {
   using A = typename P::A;
   using V = typename P::V;
 
+  // sum += x, lo = min(lo, x), hi = max(hi, x)
   static void pass1(const T* x, int64_t C, A* sum, A* lo, A* hi) {
     int64_t j = 0;
+    const int64_t h = V::size();
     for (; j + P::kStep <= C; j += P::kStep) {
       V a, b;
       P::load(x + j, a, b);
-      const int64_t h = V::size();
       (V::loadu(sum + j) + a).store(sum + j);
       (V::loadu(sum + j + h) + b).store(sum + j + h);
       at::vec::minimum(V::loadu(lo + j), a).store(lo + j);
@@ -170,62 +155,60 @@ struct Rows {
 
 // ---- statistics ------------------------------------------------------------------------------
 
-// Per-channel mean and biased variance of x (layout `sh`), in double.
+// Per-channel moments of x (layout `sh`). Each unit (plane segment or row block) runs both
+// statistics passes over its values while they are in cache, so x is read from memory once;
+// the units' moments merge per channel in a fixed order.
 template <typename T>
-void channel_moments(const T* x, const BnShape& sh, std::vector<double>& mean,
-                     std::vector<double>& var) {
+std::vector<Moments> channel_moments(const T* x, const BnShape& sh) {
   using A = acc_t<T>;
-  const int64_t C = sh.c, n = sh.count();
-  std::vector<double> shift(C);
-  std::vector<A> shift_a(C);
-  std::vector<Sum2> s2(C);
+  const int64_t C = sh.c;
+  std::vector<Moments> out(C);
   if (!sh.channels_last) {
-    const int64_t S = sh.s, planes = sh.n * C;
-    std::vector<Sum1> p1(planes);
-    at::parallel_for(0, planes, 1, [&](int64_t p0, int64_t p1e) {
-      for (int64_t p = p0; p < p1e; ++p) p1[p] = span_pass1(x + p * S, S);
+    const Planar pl(sh);
+    std::vector<Moments> part(pl.units);
+    at::parallel_for(0, pl.units, 1, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) part[u] = span_moments(x + pl.offset(u), pl.length(u));
     });
-    for (int64_t c = 0; c < C; ++c) {
-      Sum1 s;
-      for (int64_t i = 0; i < sh.n; ++i) s.merge(p1[i * C + c]);
-      shift_a[c] = static_cast<A>(s.shift(n));
-      shift[c] = static_cast<double>(shift_a[c]);
-    }
-    std::vector<Sum2> p2(planes);
-    at::parallel_for(0, planes, 1, [&](int64_t p0, int64_t p1e) {
-      for (int64_t p = p0; p < p1e; ++p) p2[p] = span_pass2(x + p * S, S, shift_a[p % C]);
-    });
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t i = 0; i < sh.n; ++i) s2[c].merge(p2[i * C + c]);
-  } else {
-    const int64_t R = sh.n * sh.s;
-    std::vector<double> r1(3 * C);
-    const Op ops1[3] = {Op::kSum, Op::kMin, Op::kMax};
-    rows_reduce<A, 3>(R, C, ops1, [&](int64_t r, A* const* b) {
-      Rows<T>::pass1(x + r * C, C, b[0], b[1], b[2]);
-    }, r1.data());
-    for (int64_t c = 0; c < C; ++c) {
-      Sum1 s;
-      s.sum = r1[c];
-      s.mn = r1[C + c];
-      s.mx = r1[2 * C + c];
-      if (std::isnan(s.sum)) s.mn = s.mx = s.sum;
-      shift_a[c] = static_cast<A>(s.shift(n));
-      shift[c] = static_cast<double>(shift_a[c]);
-    }
-    std::vector<double> r2(2 * C);
-    const Op ops2[2] = {Op::kSum, Op::kSum};
-    rows_reduce<A, 2>(R, C, ops2, [&](int64_t r, A* const* b) {
-      Rows<T>::pass2(x + r * C, nullptr, C, shift_a.data(), b[0], b[1]);
-    }, r2.data());
-    for (int64_t c = 0; c < C; ++c) s2[c] = Sum2{r2[c], r2[C + c]};
+    // units of channel c, in order: n = 0..N-1, then segment
+    for (int64_t i = 0; i < sh.n; ++i)
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t s = 0; s < pl.segs; ++s) out[c].merge(part[(i * C + c) * pl.segs + s]);
+    return out;
   }
-  mean.resize(C);
-  var.resize(C);
-  for (int64_t c = 0; c < C; ++c) finish_moments(shift[c], s2[c], n, mean[c], var[c]);
+  const RowBlocks rbk(sh.n * sh.s, C);
+  std::vector<Moments> part(rbk.tasks * C);
+  at::parallel_for(0, rbk.tasks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<A> buf(5 * C);
+    A *sum = buf.data(), *lo = sum + C, *hi = lo + C, *s1 = hi + C, *s2 = s1 + C;
+    std::vector<A> shift(C);
+    for (int64_t t = t0; t < t1; ++t) {
+      Moments* mine = part.data() + t * C;
+      for (int64_t b = rbk.first_block(t); b < rbk.first_block(t + 1); ++b) {
+        const int64_t r0 = rbk.row0(b), r1 = rbk.row1(b);
+        std::fill(sum, sum + C, A(0));
+        std::fill(lo, lo + C, std::numeric_limits<A>::infinity());
+        std::fill(hi, hi + C, -std::numeric_limits<A>::infinity());
+        for (int64_t r = r0; r < r1; ++r) Rows<T>::pass1(x + r * C, C, sum, lo, hi);
+        for (int64_t c = 0; c < C; ++c) {
+          Sum1 p1;
+          p1.sum = sum[c];
+          p1.mn = lo[c];
+          p1.mx = hi[c];
+          shift[c] = static_cast<A>(p1.shift(r1 - r0));
+        }
+        std::fill(s1, s1 + 2 * C, A(0));
+        for (int64_t r = r0; r < r1; ++r) Rows<T>::pass2(x + r * C, nullptr, C, shift.data(), s1, s2);
+        for (int64_t c = 0; c < C; ++c)
+          mine[c].merge(moments_from(static_cast<double>(shift[c]), s1[c], s2[c], r1 - r0));
+      }
+    }
+  });
+  for (int64_t t = 0; t < rbk.tasks; ++t)
+    for (int64_t c = 0; c < C; ++c) out[c].merge(part[t * C + c]);
+  return out;
 }
 
-// Per-channel S1 = sum(dy) and S2 = sum(dy * (x - mean)), in double.
+// Per-channel S1 = sum(dy) and S2 = sum(dy * (x - mean)), in double, merged in a fixed order.
 template <typename T>
 void channel_grad_sums(const T* dy, const T* x, const BnShape& sh, const acc_t<T>* mean,
                        std::vector<double>& s1, std::vector<double>& s2) {
@@ -234,27 +217,41 @@ void channel_grad_sums(const T* dy, const T* x, const BnShape& sh, const acc_t<T
   s1.assign(C, 0);
   s2.assign(C, 0);
   if (!sh.channels_last) {
-    const int64_t S = sh.s, planes = sh.n * C;
-    std::vector<Sum2> p(planes);
-    at::parallel_for(0, planes, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t q = p0; q < p1; ++q) p[q] = span_grad_sums(dy + q * S, x + q * S, S, mean[q % C]);
+    const Planar pl(sh);
+    std::vector<Sum2> part(pl.units);
+    at::parallel_for(0, pl.units, 1, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u)
+        part[u] = span_grad_sums(dy + pl.offset(u), x + pl.offset(u), pl.length(u),
+                                 mean[pl.channel(u)]);
     });
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t i = 0; i < sh.n; ++i) {
-        s1[c] += p[i * C + c].sd;
-        s2[c] += p[i * C + c].sdd;
-      }
-  } else {
-    std::vector<double> r(2 * C);
-    const Op ops[2] = {Op::kSum, Op::kSum};
-    rows_reduce<A, 2>(sh.n * sh.s, C, ops, [&](int64_t row, A* const* b) {
-      Rows<T>::pass2(x + row * C, dy + row * C, C, mean, b[0], b[1]);
-    }, r.data());
-    for (int64_t c = 0; c < C; ++c) {
-      s1[c] = r[c];
-      s2[c] = r[C + c];
-    }
+    for (int64_t i = 0; i < sh.n; ++i)
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t s = 0; s < pl.segs; ++s) {
+          const Sum2& p = part[(i * C + c) * pl.segs + s];
+          s1[c] += p.sd;
+          s2[c] += p.sdd;
+        }
+    return;
   }
+  const RowBlocks rbk(sh.n * sh.s, C);
+  std::vector<double> part(rbk.tasks * 2 * C, 0.0);
+  at::parallel_for(0, rbk.tasks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<A> buf(2 * C);
+    for (int64_t t = t0; t < t1; ++t) {
+      double* mine = part.data() + t * 2 * C;
+      for (int64_t b = rbk.first_block(t); b < rbk.first_block(t + 1); ++b) {
+        std::fill(buf.begin(), buf.end(), A(0));
+        for (int64_t r = rbk.row0(b); r < rbk.row1(b); ++r)
+          Rows<T>::pass2(x + r * C, dy + r * C, C, mean, buf.data(), buf.data() + C);
+        for (int64_t j = 0; j < 2 * C; ++j) mine[j] += buf[j];
+      }
+    }
+  });
+  for (int64_t t = 0; t < rbk.tasks; ++t)
+    for (int64_t c = 0; c < C; ++c) {
+      s1[c] += part[t * 2 * C + c];
+      s2[c] += part[t * 2 * C + C + c];
+    }
 }
 
 // out = a[c] * g + b[c] * (x - m[c]) + k[c] elementwise, with g or x possibly absent (see Rows).
@@ -263,15 +260,15 @@ void channel_apply(const T* g, const T* x, T* out, const BnShape& sh, const acc_
                    const acc_t<T>* b, const acc_t<T>* m, const acc_t<T>* k) {
   const int64_t C = sh.c;
   if (!sh.channels_last) {
-    const int64_t S = sh.s;
-    at::parallel_for(0, sh.n * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)),
-                     [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t c = p % C;
+    const Planar pl(sh);
+    at::parallel_for(0, pl.units, std::max<int64_t>(1, 16384 / std::max<int64_t>(sh.s, 1)),
+                     [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t c = pl.channel(u), off = pl.offset(u), len = pl.length(u);
         if (g == nullptr)
-          span_affine(x + p * S, out + p * S, S, m[c], b[c], k[c]);
+          span_affine(x + off, out + off, len, m[c], b[c], k[c]);
         else
-          span_dx(g + p * S, x == nullptr ? nullptr : x + p * S, out + p * S, S, a[c],
+          span_dx(g + off, x == nullptr ? nullptr : x + off, out + off, len, a[c],
                   b == nullptr ? 0 : b[c], m == nullptr ? 0 : m[c], k == nullptr ? 0 : k[c]);
       }
     });
@@ -324,7 +321,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
     using A = acc_t<scalar_t>;
     std::vector<double> mean(C), var(C);
     if (training) {
-      channel_moments(x.const_data_ptr<scalar_t>(), sh, mean, var);
+      const std::vector<Moments> mo = channel_moments(x.const_data_ptr<scalar_t>(), sh);
+      for (int64_t c = 0; c < C; ++c) {
+        mean[c] = mo[c].mean;
+        var[c] = mo[c].var();
+      }
     } else {
       at::Tensor rm = running_mean->to(at::kDouble).contiguous();
       at::Tensor rv = running_var->to(at::kDouble).contiguous();
@@ -338,11 +339,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
     A* si = save_invstd.mutable_data_ptr<A>();
     for (int64_t c = 0; c < C; ++c) {
       const double invstd = 1.0 / std::sqrt(var[c] + eps);
+      const double sc = wp ? wp[c] * invstd : invstd;
       sm[c] = m[c] = static_cast<A>(mean[c]);
       si[c] = static_cast<A>(invstd);
       if (training) batch_var.mutable_data_ptr<A>()[c] = static_cast<A>(var[c]);
-      scale[c] = static_cast<A>(wp ? wp[c] * invstd : invstd);
-      shift[c] = bp ? bp[c] : A(0);
+      scale[c] = static_cast<A>(sc);
+      // y = (x - m) * scale + shift, where m is the mean rounded to A; the rounding error
+      // (mean - m) is folded into the shift so large offsets lose nothing.
+      shift[c] = static_cast<A>((bp ? bp[c] : 0.0) - (mean[c] - static_cast<double>(m[c])) * sc);
     }
     if (x.numel() > 0)
       channel_apply<scalar_t>(nullptr, x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),

@@ -26,43 +26,37 @@ constexpr int64_t kBlocks = 64;
 // Mean and rstd of one row of n values.
 template <typename T>
 inline void row_moments(const T* x, int64_t n, double eps, double& mean, double& rstd) {
-  using A = acc_t<T>;
-  if (n == 0) {
-    mean = 0;
-    rstd = 1.0 / std::sqrt(eps);
-    return;
-  }
-  const A m = static_cast<A>(span_pass1(x, n).shift(n));
-  double var;
-  finish_moments(static_cast<double>(m), span_pass2(x, n, m), n, mean, var);
-  rstd = 1.0 / std::sqrt(var + eps);
+  const Moments mo = span_moments(x, n);
+  mean = mo.mean;
+  rstd = 1.0 / std::sqrt(mo.var() + eps);
 }
 
-// y = (x - mean) * rstd * w + b over one row (w or b may be null).
+// y = ((x - mean) * rstd + lo) * w + b over one row (w or b may be null); lo = -(the mean's
+// rounding error) * rstd corrects for the mean being rounded to acc_t (large offsets).
 template <typename T>
-inline void row_forward(const T* x, T* y, int64_t n, acc_t<T> mean, acc_t<T> rstd,
+inline void row_forward(const T* x, T* y, int64_t n, acc_t<T> mean, acc_t<T> rstd, acc_t<T> lo,
                         const acc_t<T>* w, const acc_t<T>* b) {
   using P = VecPair<T>;
   using A = typename P::A;
   using V = typename P::V;
   if (w == nullptr && b == nullptr) {
-    span_affine(x, y, n, mean, rstd, A(0));
+    span_affine(x, y, n, mean, rstd, lo);
     return;
   }
-  const V vm(mean), vr(rstd), one(A(1)), zero(A(0));
+  const V vm(mean), vr(rstd), vlo(lo), one(A(1)), zero(A(0));
   const int64_t h = V::size();
   int64_t j = 0;
   for (; j + P::kStep <= n; j += P::kStep) {
     V a, c;
     P::load(x + j, a, c);
-    a = (a - vm) * vr;
-    c = (c - vm) * vr;
+    a = at::vec::fmadd(a - vm, vr, vlo);
+    c = at::vec::fmadd(c - vm, vr, vlo);
     const V w0 = w ? V::loadu(w + j) : one, w1 = w ? V::loadu(w + j + h) : one;
     const V b0 = b ? V::loadu(b + j) : zero, b1 = b ? V::loadu(b + j + h) : zero;
     P::store(y + j, at::vec::fmadd(a, w0, b0), at::vec::fmadd(c, w1, b1));
   }
   for (; j < n; ++j) {
-    A v = (static_cast<A>(x[j]) - mean) * rstd;
+    A v = (static_cast<A>(x[j]) - mean) * rstd + lo;
     if (w) v *= w[j];
     if (b) v += b[j];
     y[j] = static_cast<T>(v);
@@ -184,7 +178,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
         row_moments(xp + r * N, N, eps, m, rs);
         mp[r] = static_cast<A>(m);
         rp[r] = static_cast<A>(rs);
-        row_forward(xp + r * N, yp + r * N, N, mp[r], rp[r], wp, bp);
+        const A lo = static_cast<A>(-(m - static_cast<double>(mp[r])) * rs);
+        row_forward(xp + r * N, yp + r * N, N, mp[r], rp[r], lo, wp, bp);
       }
     });
   });

@@ -8,8 +8,9 @@
 //           so a constant channel or row has d = x - m = 0 exactly);
 //   pass 2: sum(d) and sum(d*d) with d = x - m -> mean = m + sum(d)/n,
 //           var = sum(d*d)/n - (sum(d)/n)^2 (the shift makes this cancellation-free).
-// Long spans are cut into fixed chunks whose float sums are added in double, in order, so the
-// result does not depend on the number of threads.
+// Long spans are cut into fixed chunks of kChunk values: both passes run over a chunk while it is
+// in L1, and the chunks' moments merge in double, in order, so the result does not depend on the
+// number of threads.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -104,17 +105,35 @@ struct Sum2 {
   }
 };
 
-// Final mean and biased variance from the shift m and the pass-2 sums.
-inline void finish_moments(double m, const Sum2& s2, int64_t n, double& mean, double& var) {
-  if (n == 0) {
-    mean = 0;
-    var = 0;
-    return;
+// Count, mean and M2 = sum((x - mean)^2) of a group, in double. Groups merge with Chan et al.'s
+// formula in a fixed order; merging two groups of the same exact mean keeps it exact, so a
+// constant channel stays exactly constant however it is split.
+struct Moments {
+  double n = 0, mean = 0, m2 = 0;
+  void merge(const Moments& o) {
+    if (o.n == 0) return;
+    if (n == 0) {
+      *this = o;
+      return;
+    }
+    const double tot = n + o.n, delta = o.mean - mean;
+    mean += delta * (o.n / tot);
+    m2 += o.m2 + delta * delta * (n * o.n / tot);
+    n = tot;
   }
-  double dm = s2.sd / static_cast<double>(n);
-  mean = m + dm;
-  var = s2.sdd / static_cast<double>(n) - dm * dm;
-  if (var < 0) var = 0;
+  double var() const { return n > 0 ? m2 / n : 0.0; }  // biased; NaN propagates
+};
+
+// Moments of a group of n values from its shift m (as used in pass 2) and the pass-2 sums.
+inline Moments moments_from(double m, double sd, double sdd, int64_t n) {
+  Moments r;
+  if (n == 0) return r;
+  r.n = static_cast<double>(n);
+  const double dm = sd / r.n;
+  r.mean = m + dm;
+  r.m2 = sdd - sd * dm;
+  if (r.m2 < 0) r.m2 = 0;
+  return r;
 }
 
 // Pass 1 over n contiguous values.
@@ -184,6 +203,20 @@ inline Sum2 span_pass2(const T* x, int64_t n, acc_t<T> m) {
     }
     out.sd += sd;
     out.sdd += sdd;
+  }
+  return out;
+}
+
+// Moments of n contiguous values: both passes run over one kChunk-sized piece at a time while it
+// is in L1, so the data come from memory once; the pieces merge in order.
+template <typename T>
+inline Moments span_moments(const T* x, int64_t n) {
+  Moments out;
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t len = std::min(kChunk, n - c0);
+    const acc_t<T> m = static_cast<acc_t<T>>(span_pass1(x + c0, len).shift(len));
+    const Sum2 s2 = span_pass2(x + c0, len, m);
+    out.merge(moments_from(static_cast<double>(m), s2.sd, s2.sdd, len));
   }
   return out;
 }
