@@ -3,6 +3,7 @@
 from . import _C, ops  # noqa: F401  (registers torch.ops.normext.*)
 from . import functional
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, LayerNorm, convert
+from .sync_batchnorm import SyncBatchNorm
 
 __version__ = "0.1.0"
 
@@ -14,6 +15,7 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "LayerNorm",
+    "SyncBatchNorm",
     "convert",
     "functional",
     "ops",
