@@ -17,8 +17,10 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "convert"]
 class _BatchNormForward:
     """torch.nn.modules.batchnorm._BatchNorm.forward's bookkeeping, on normext.functional."""
 
-    def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
+    def _step_args(self):
+        """Counts a training step, as torch's _BatchNorm.forward does, and returns the arguments
+        of functional._batch_norm that follow (input): (running_mean, running_var, training,
+        momentum, num_batches_tracked or None for a cumulative average)."""
         factor = 0.0 if self.momentum is None else self.momentum
         cumulative = None
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
@@ -28,16 +30,20 @@ class _BatchNormForward:
         # Batch statistics in training, and in eval when no running statistics are kept.
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_running = not self.training or self.track_running_stats
-        return F._batch_norm(
-            input,
+        return (
             self.running_mean if use_running else None,
             self.running_var if use_running else None,
-            self.weight,
-            self.bias,
             bn_training,
             factor,
-            self.eps,
             cumulative,
+        )
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        running_mean, running_var, training, momentum, cumulative = self._step_args()
+        return F._batch_norm(
+            input, running_mean, running_var, self.weight, self.bias, training, momentum,
+            self.eps, cumulative,
         )
 
 

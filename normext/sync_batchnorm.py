@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from . import functional as F
 from . import ops
+from .modules import _BatchNormForward
 
 __all__ = ["SyncBatchNorm"]
 
@@ -48,7 +49,8 @@ def _channel_view(t: Tensor, ndim: int) -> Tensor:
 class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, input, weight, bias, running_mean, running_var, eps, momentum, group, world_size
+        ctx, input, weight, bias, running_mean, running_var, eps, momentum, cumulative, group,
+        world_size,
     ):
         channels = input.shape[1]
         local_count = input.numel() // channels
@@ -79,7 +81,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             var_g = (counts * (vars_ + (means - mean_g) ** 2)).sum(0) / total
 
         if running_mean is not None:
-            ops.batch_norm_update_stats_(running_mean, running_var, mean_g, var_g, momentum, total)
+            ops.batch_norm_update_stats_(
+                running_mean, running_var, mean_g, var_g, momentum, total, cumulative
+            )
 
         acc = mean.dtype  # float32 for float16/bfloat16/float32 inputs, float64 for float64
         y, save_mean, save_invstd, _ = ops.batch_norm_fwd(
@@ -128,10 +132,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             sum_dy_xhat.to(ctx.weight_dtype) if weight is not None and need_weight else None
         )
         grad_bias = sum_dy.to(ctx.bias_dtype) if ctx.bias_dtype is not None and need_bias else None
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
-class SyncBatchNorm(nn.SyncBatchNorm):
+class SyncBatchNorm(_BatchNormForward, nn.SyncBatchNorm):
     """torch.nn.SyncBatchNorm on normext kernels, for CPU (gloo) and CUDA (NCCL) process groups.
 
     Same constructor, parameters and buffers as torch.nn.SyncBatchNorm; takes (N, C, *) inputs
@@ -145,16 +149,7 @@ class SyncBatchNorm(nn.SyncBatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
-        # Batch statistics in training, and in eval when no running statistics are kept.
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        use_running = not self.training or self.track_running_stats
-        running_mean = self.running_mean if use_running else None
-        running_var = self.running_var if use_running else None
+        running_mean, running_var, bn_training, factor, cumulative = self._step_args()
 
         # As torch: statistics are synchronized in training only (never in eval mode).
         group, world_size = None, 1
@@ -162,7 +157,7 @@ class SyncBatchNorm(nn.SyncBatchNorm):
             group = self.process_group if self.process_group is not None else dist.group.WORLD
             world_size = dist.get_world_size(group)
         if world_size <= 1:
-            return F.batch_norm(
+            return F._batch_norm(
                 input,
                 running_mean,
                 running_var,
@@ -171,6 +166,7 @@ class SyncBatchNorm(nn.SyncBatchNorm):
                 bn_training,
                 factor,
                 self.eps,
+                cumulative,
             )
         return _SyncBatchNormFunction.apply(
             input,
@@ -180,6 +176,7 @@ class SyncBatchNorm(nn.SyncBatchNorm):
             running_var,
             self.eps,
             factor,
+            cumulative,
             group,
             world_size,
         )

@@ -448,6 +448,7 @@ def test_sync_path_in_one_process():
             sync.running_var,
             sync.eps,
             0.1,
+            None,
             dist.group.WORLD,
             1,
         )
