@@ -11,8 +11,8 @@
 //   planar (NCHW):  units are (n, c) planes, cut into segments when huge; each unit's result is
 //                   merged per channel in order of n.
 //   channels-last:  fixed blocks of rows, grouped into at most kTasks tasks by shape alone; each
-//                   block accumulates its rows into per-channel buffers vectorized across C;
-//                   task results are merged per channel in task order.
+//                   block is walked one tile of channels at a time with the accumulators in
+//                   registers; task results are merged per channel in task order.
 // Both merge orders depend only on the shape, so results are bitwise reproducible whatever the
 // number of threads. Training forward reads x twice (statistics, then y) and backward reads
 // x and dy twice (sums, then dx).
@@ -37,13 +37,12 @@ constexpr int64_t kTasks = 64;
 //
 // planar: the N*C planes of S values are cut into segments of at most kSeg values, so that a
 //   few huge planes still spread over all threads; unit u is segment u % segs of plane u / segs.
-// channels-last: the R = N*S rows are cut into blocks of `rb` rows (about kChunk values, at
-//   least kMinRows rows), grouped into at most kTasks tasks; task t takes blocks
-//   [t*blocks/tasks, (t+1)*blocks/tasks).
+// channels-last: the R = N*S rows are cut into blocks of kBlockRows rows, grouped into at most
+//   kTasks tasks; task t takes blocks [t*blocks/tasks, (t+1)*blocks/tasks).
 // Both depend on the shape alone.
 
 constexpr int64_t kSeg = 1 << 16;
-constexpr int64_t kMinRows = 16;
+constexpr int64_t kBlockRows = 128;
 
 struct Planar {
   int64_t S, C, segs, units;
@@ -57,9 +56,8 @@ struct Planar {
 };
 
 struct RowBlocks {
-  int64_t R, C, rb, blocks, tasks;
-  RowBlocks(int64_t rows, int64_t c) : R(rows), C(c) {
-    rb = std::max<int64_t>(kMinRows, std::min<int64_t>(1024, kChunk / std::max<int64_t>(C, 1)));
+  int64_t R, rb, blocks, tasks;
+  explicit RowBlocks(int64_t rows) : R(rows), rb(kBlockRows) {
     blocks = (R + rb - 1) / rb;
     tasks = std::max<int64_t>(1, std::min(blocks, kTasks));
   }
@@ -68,59 +66,119 @@ struct RowBlocks {
   int64_t row1(int64_t b) const { return std::min(R, (b + 1) * rb); }
 };
 
+// Column tiles of a row block: kTileVecs vectors wide, so a tile's accumulators stay in
+// registers while the block's rows stream past (a tile of a block is at most 16 KB, and both
+// statistics passes find it in L1). Columns past the last whole tile go one at a time.
+constexpr int kTileVecs = 4;
+
+template <typename T>
+struct Tile {
+  using P = VecPair<T>;
+  using A = typename P::A;
+  using V = typename P::V;
+  static constexpr int64_t kWidth = kTileVecs * V::size();
+
+  static inline void load(const T* p, V (&v)[kTileVecs]) {
+    P::load(p, v[0], v[1]);
+    P::load(p + P::kStep, v[2], v[3]);
+  }
+
+  // Moments of columns [j, j + kWidth) (or the single column j when `single`) over rows
+  // [r0, r1), merged into out[0 .. width).
+  static void moments(const T* x, int64_t C, int64_t r0, int64_t r1, int64_t j, Moments* out) {
+    const int64_t n = r1 - r0;
+    V x0[kTileVecs], v[kTileVecs], s[kTileVecs], m[kTileVecs], q[kTileVecs];
+    load(x + r0 * C + j, x0);
+    for (int k = 0; k < kTileVecs; ++k) s[k] = V(A(0));
+    for (int64_t r = r0; r < r1; ++r) {
+      load(x + r * C + j, v);
+      for (int k = 0; k < kTileVecs; ++k) s[k] += v[k] - x0[k];
+    }
+    const V inv_n(A(1) / static_cast<A>(n));
+    for (int k = 0; k < kTileVecs; ++k) {
+      m[k] = at::vec::fmadd(s[k], inv_n, x0[k]);  // exactly x0 for a constant column
+      s[k] = V(A(0));
+      q[k] = V(A(0));
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+      load(x + r * C + j, v);
+      for (int k = 0; k < kTileVecs; ++k) {
+        const V d = v[k] - m[k];
+        s[k] += d;
+        q[k] = at::vec::fmadd(d, d, q[k]);
+      }
+    }
+    A mb[kWidth], sb[kWidth], qb[kWidth];
+    for (int k = 0; k < kTileVecs; ++k) {
+      m[k].store(mb + k * V::size());
+      s[k].store(sb + k * V::size());
+      q[k].store(qb + k * V::size());
+    }
+    for (int64_t i = 0; i < kWidth; ++i) out[i].merge(moments_from(mb[i], sb[i], qb[i], n));
+  }
+
+  static void moments1(const T* x, int64_t C, int64_t r0, int64_t r1, int64_t j, Moments* out) {
+    const int64_t n = r1 - r0;
+    const A x0 = static_cast<A>(x[r0 * C + j]);
+    A s = 0, q = 0;
+    for (int64_t r = r0; r < r1; ++r) s += static_cast<A>(x[r * C + j]) - x0;
+    const A m = x0 + s / static_cast<A>(n);
+    s = 0;
+    for (int64_t r = r0; r < r1; ++r) {
+      const A d = static_cast<A>(x[r * C + j]) - m;
+      s += d;
+      q += d * d;
+    }
+    out->merge(moments_from(m, s, q, n));
+  }
+
+  // s1 += sum(dy), s2 += sum(dy * (x - mean)) for columns [j, j + kWidth) over rows [r0, r1).
+  static void grad_sums(const T* dy, const T* x, int64_t C, int64_t r0, int64_t r1, int64_t j,
+                        const A* mean, double* s1, double* s2) {
+    V m[kTileVecs], g[kTileVecs], v[kTileVecs], a[kTileVecs], b[kTileVecs];
+    for (int k = 0; k < kTileVecs; ++k) {
+      m[k] = V::loadu(mean + j + k * V::size());
+      a[k] = V(A(0));
+      b[k] = V(A(0));
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+      load(dy + r * C + j, g);
+      load(x + r * C + j, v);
+      for (int k = 0; k < kTileVecs; ++k) {
+        a[k] += g[k];
+        b[k] = at::vec::fmadd(g[k], v[k] - m[k], b[k]);
+      }
+    }
+    A ab[kWidth], bb[kWidth];
+    for (int k = 0; k < kTileVecs; ++k) {
+      a[k].store(ab + k * V::size());
+      b[k].store(bb + k * V::size());
+    }
+    for (int64_t i = 0; i < kWidth; ++i) {
+      s1[j + i] += ab[i];
+      s2[j + i] += bb[i];
+    }
+  }
+
+  static void grad_sums1(const T* dy, const T* x, int64_t C, int64_t r0, int64_t r1, int64_t j,
+                         const A* mean, double* s1, double* s2) {
+    A a = 0, b = 0;
+    for (int64_t r = r0; r < r1; ++r) {
+      const A g = static_cast<A>(dy[r * C + j]);
+      a += g;
+      b += g * (static_cast<A>(x[r * C + j]) - mean[j]);
+    }
+    s1[j] += a;
+    s2[j] += b;
+  }
+};
+
 // Row helpers, vectorized over the channels. A row holds C consecutive values.
 template <typename T>
 struct Rows {
   using P = VecPair<T>;
   using A = typename P::A;
   using V = typename P::V;
-
-  // sum += x, lo = min(lo, x), hi = max(hi, x)
-  static void pass1(const T* x, int64_t C, A* sum, A* lo, A* hi) {
-    int64_t j = 0;
-    const int64_t h = V::size();
-    for (; j + P::kStep <= C; j += P::kStep) {
-      V a, b;
-      P::load(x + j, a, b);
-      (V::loadu(sum + j) + a).store(sum + j);
-      (V::loadu(sum + j + h) + b).store(sum + j + h);
-      at::vec::minimum(V::loadu(lo + j), a).store(lo + j);
-      at::vec::minimum(V::loadu(lo + j + h), b).store(lo + j + h);
-      at::vec::maximum(V::loadu(hi + j), a).store(hi + j);
-      at::vec::maximum(V::loadu(hi + j + h), b).store(hi + j + h);
-    }
-    for (; j < C; ++j) {
-      A v = static_cast<A>(x[j]);
-      sum[j] += v;
-      if (v < lo[j] || std::isnan(v)) lo[j] = v;
-      if (v > hi[j] || std::isnan(v)) hi[j] = v;
-    }
-  }
-
-  // s1 += (x - m), s2 += (x - m)^2        (pass 2, g == nullptr)
-  // s1 += g, s2 += g * (x - m)            (gradient sums)
-  static void pass2(const T* x, const T* g, int64_t C, const A* m, A* s1, A* s2) {
-    int64_t j = 0;
-    const int64_t h = V::size();
-    for (; j + P::kStep <= C; j += P::kStep) {
-      V a, b;
-      P::load(x + j, a, b);
-      a = a - V::loadu(m + j);
-      b = b - V::loadu(m + j + h);
-      V ga = a, gb = b;
-      if (g != nullptr) P::load(g + j, ga, gb);
-      (V::loadu(s1 + j) + ga).store(s1 + j);
-      (V::loadu(s1 + j + h) + gb).store(s1 + j + h);
-      at::vec::fmadd(ga, a, V::loadu(s2 + j)).store(s2 + j);
-      at::vec::fmadd(gb, b, V::loadu(s2 + j + h)).store(s2 + j + h);
-    }
-    for (; j < C; ++j) {
-      A d = static_cast<A>(x[j]) - m[j];
-      A gv = g != nullptr ? static_cast<A>(g[j]) : d;
-      s1[j] += gv;
-      s2[j] += gv * d;
-    }
-  }
 
   // out = a * g + b * (x - m) + k   (g == nullptr: out = (x - m) * b + k, the forward apply;
   //                                  x == nullptr: out = a * g, the eval backward)
@@ -175,31 +233,16 @@ std::vector<Moments> channel_moments(const T* x, const BnShape& sh) {
         for (int64_t s = 0; s < pl.segs; ++s) out[c].merge(part[(i * C + c) * pl.segs + s]);
     return out;
   }
-  const RowBlocks rbk(sh.n * sh.s, C);
+  const RowBlocks rbk(sh.n * sh.s);
+  const int64_t whole = C - C % Tile<T>::kWidth;
   std::vector<Moments> part(rbk.tasks * C);
   at::parallel_for(0, rbk.tasks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<A> buf(5 * C);
-    A *sum = buf.data(), *lo = sum + C, *hi = lo + C, *s1 = hi + C, *s2 = s1 + C;
-    std::vector<A> shift(C);
     for (int64_t t = t0; t < t1; ++t) {
       Moments* mine = part.data() + t * C;
       for (int64_t b = rbk.first_block(t); b < rbk.first_block(t + 1); ++b) {
         const int64_t r0 = rbk.row0(b), r1 = rbk.row1(b);
-        std::fill(sum, sum + C, A(0));
-        std::fill(lo, lo + C, std::numeric_limits<A>::infinity());
-        std::fill(hi, hi + C, -std::numeric_limits<A>::infinity());
-        for (int64_t r = r0; r < r1; ++r) Rows<T>::pass1(x + r * C, C, sum, lo, hi);
-        for (int64_t c = 0; c < C; ++c) {
-          Sum1 p1;
-          p1.sum = sum[c];
-          p1.mn = lo[c];
-          p1.mx = hi[c];
-          shift[c] = static_cast<A>(p1.shift(r1 - r0));
-        }
-        std::fill(s1, s1 + 2 * C, A(0));
-        for (int64_t r = r0; r < r1; ++r) Rows<T>::pass2(x + r * C, nullptr, C, shift.data(), s1, s2);
-        for (int64_t c = 0; c < C; ++c)
-          mine[c].merge(moments_from(static_cast<double>(shift[c]), s1[c], s2[c], r1 - r0));
+        for (int64_t j = 0; j < whole; j += Tile<T>::kWidth) Tile<T>::moments(x, C, r0, r1, j, mine + j);
+        for (int64_t j = whole; j < C; ++j) Tile<T>::moments1(x, C, r0, r1, j, mine + j);
       }
     }
   });
@@ -233,17 +276,18 @@ void channel_grad_sums(const T* dy, const T* x, const BnShape& sh, const acc_t<T
         }
     return;
   }
-  const RowBlocks rbk(sh.n * sh.s, C);
+  const RowBlocks rbk(sh.n * sh.s);
+  const int64_t whole = C - C % Tile<T>::kWidth;
   std::vector<double> part(rbk.tasks * 2 * C, 0.0);
   at::parallel_for(0, rbk.tasks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<A> buf(2 * C);
     for (int64_t t = t0; t < t1; ++t) {
-      double* mine = part.data() + t * 2 * C;
+      double* p1 = part.data() + t * 2 * C;
+      double* p2 = p1 + C;
       for (int64_t b = rbk.first_block(t); b < rbk.first_block(t + 1); ++b) {
-        std::fill(buf.begin(), buf.end(), A(0));
-        for (int64_t r = rbk.row0(b); r < rbk.row1(b); ++r)
-          Rows<T>::pass2(x + r * C, dy + r * C, C, mean, buf.data(), buf.data() + C);
-        for (int64_t j = 0; j < 2 * C; ++j) mine[j] += buf[j];
+        const int64_t r0 = rbk.row0(b), r1 = rbk.row1(b);
+        for (int64_t j = 0; j < whole; j += Tile<T>::kWidth)
+          Tile<T>::grad_sums(dy, x, C, r0, r1, j, mean, p1, p2);
+        for (int64_t j = whole; j < C; ++j) Tile<T>::grad_sums1(dy, x, C, r0, r1, j, mean, p1, p2);
       }
     }
   });

@@ -64,16 +64,18 @@ inline void row_forward(const T* x, T* y, int64_t n, acc_t<T> mean, acc_t<T> rst
 }
 
 // dx for one row, and its dy * xhat and dy added into the column sums (when asked for).
+// Two passes over the row (it stays in L1): the sums of g and g * xhat, then dx and the
+// column sums together.
 template <typename T>
 inline void row_backward(const T* dy, const T* x, T* dx, int64_t n, acc_t<T> mean, acc_t<T> rstd,
                          const acc_t<T>* w, acc_t<T>* dw_sum, acc_t<T>* db_sum) {
   using P = VecPair<T>;
   using A = typename P::A;
   using V = typename P::V;
-  const V vm(mean), vr(rstd), one(A(1));
+  const V vm(mean), vr(rstd);
   const int64_t h = V::size();
+  A c1 = 0, c2 = 0;  // mean(g), mean(g * xhat)
   if (dx != nullptr) {
-    // sums of g and g * xhat over the row
     V sg0(A(0)), sg1(A(0)), sgx0(A(0)), sgx1(A(0));
     int64_t j = 0;
     for (; j + P::kStep <= n; j += P::kStep) {
@@ -95,49 +97,40 @@ inline void row_backward(const T* dy, const T* x, T* dx, int64_t n, acc_t<T> mea
       sg += g;
       sgx += g * (static_cast<A>(x[j]) - mean) * rstd;
     }
-    const A c1 = sg / static_cast<A>(n), c2 = sgx / static_cast<A>(n);
-    const V vc1(c1), vc2(c2);
-    j = 0;
-    for (; j + P::kStep <= n; j += P::kStep) {
-      V g0, g1, x0, x1;
-      P::load(dy + j, g0, g1);
-      P::load(x + j, x0, x1);
+    c1 = sg / static_cast<A>(n);
+    c2 = sgx / static_cast<A>(n);
+  }
+  const V vc1(c1), vc2(c2);
+  int64_t j = 0;
+  for (; j + P::kStep <= n; j += P::kStep) {
+    V d0, d1, x0, x1;
+    P::load(dy + j, d0, d1);
+    P::load(x + j, x0, x1);
+    const V xh0 = (x0 - vm) * vr, xh1 = (x1 - vm) * vr;
+    if (dx != nullptr) {
+      V g0 = d0, g1 = d1;
       if (w) {
         g0 = g0 * V::loadu(w + j);
         g1 = g1 * V::loadu(w + j + h);
       }
-      const V xh0 = (x0 - vm) * vr, xh1 = (x1 - vm) * vr;
       P::store(dx + j, vr * (g0 - vc1 - xh0 * vc2), vr * (g1 - vc1 - xh1 * vc2));
     }
-    for (; j < n; ++j) {
-      A g = static_cast<A>(dy[j]) * (w ? w[j] : A(1));
-      A xh = (static_cast<A>(x[j]) - mean) * rstd;
-      dx[j] = static_cast<T>(rstd * (g - c1 - xh * c2));
+    if (dw_sum != nullptr) {
+      at::vec::fmadd(d0, xh0, V::loadu(dw_sum + j)).store(dw_sum + j);
+      at::vec::fmadd(d1, xh1, V::loadu(dw_sum + j + h)).store(dw_sum + j + h);
+    }
+    if (db_sum != nullptr) {
+      (V::loadu(db_sum + j) + d0).store(db_sum + j);
+      (V::loadu(db_sum + j + h) + d1).store(db_sum + j + h);
     }
   }
-  if (dw_sum != nullptr || db_sum != nullptr) {
-    int64_t j = 0;
-    for (; j + P::kStep <= n; j += P::kStep) {
-      V g0, g1;
-      P::load(dy + j, g0, g1);
-      if (dw_sum != nullptr) {
-        V x0, x1;
-        P::load(x + j, x0, x1);
-        at::vec::fmadd(g0, (x0 - vm) * vr, V::loadu(dw_sum + j)).store(dw_sum + j);
-        at::vec::fmadd(g1, (x1 - vm) * vr, V::loadu(dw_sum + j + h)).store(dw_sum + j + h);
-      }
-      if (db_sum != nullptr) {
-        (V::loadu(db_sum + j) + g0).store(db_sum + j);
-        (V::loadu(db_sum + j + h) + g1).store(db_sum + j + h);
-      }
-    }
-    for (; j < n; ++j) {
-      A g = static_cast<A>(dy[j]);
-      if (dw_sum != nullptr) dw_sum[j] += g * (static_cast<A>(x[j]) - mean) * rstd;
-      if (db_sum != nullptr) db_sum[j] += g;
-    }
+  for (; j < n; ++j) {
+    const A d = static_cast<A>(dy[j]);
+    const A xh = (static_cast<A>(x[j]) - mean) * rstd;
+    if (dx != nullptr) dx[j] = static_cast<T>(rstd * (d * (w ? w[j] : A(1)) - c1 - xh * c2));
+    if (dw_sum != nullptr) dw_sum[j] += d * xh;
+    if (db_sum != nullptr) db_sum[j] += d;
   }
-  (void)one;
 }
 
 void check_ln_input(const at::Tensor& x, int64_t ndim, const char* op) {

@@ -3,14 +3,15 @@
 // double for double) two vectors at a time, so a half-precision vector converts to exactly two
 // float vectors.
 //
-// The reductions here are the statistics of DESIGN.md's math:
-//   pass 1: sum, min and max of a span -> a first mean m (exactly the value when min == max,
-//           so a constant channel or row has d = x - m = 0 exactly);
+// The reductions here are the statistics of DESIGN.md's math, for a chunk of values in cache:
+//   pass 1: m = x0 + sum(x - x0) / n with x0 the chunk's first value (exactly x0 for a constant
+//           chunk, since every term is 0);
 //   pass 2: sum(d) and sum(d*d) with d = x - m -> mean = m + sum(d)/n,
-//           var = sum(d*d)/n - (sum(d)/n)^2 (the shift makes this cancellation-free).
+//           M2 = sum(d*d) - sum(d)^2/n (d is small, so this does not cancel as E[x^2] - E[x]^2
+//           would; a constant chunk gives d = 0 exactly).
 // Long spans are cut into fixed chunks of kChunk values: both passes run over a chunk while it is
-// in L1, and the chunks' moments merge in double, in order, so the result does not depend on the
-// number of threads.
+// in L1, and the chunks' moments merge in double, in order (Chan et al.), so the result does not
+// depend on the number of threads.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -61,40 +62,8 @@ inline A hsum(const at::vec::Vectorized<A>& v) {
   return s;
 }
 
-template <typename A>
-inline A hmin(const at::vec::Vectorized<A>& v) {
-  A buf[at::vec::Vectorized<A>::size()];
-  v.store(buf);
-  A s = buf[0];
-  for (int64_t i = 1; i < at::vec::Vectorized<A>::size(); ++i) s = buf[i] < s ? buf[i] : s;
-  return s;
-}
-
-template <typename A>
-inline A hmax(const at::vec::Vectorized<A>& v) {
-  A buf[at::vec::Vectorized<A>::size()];
-  v.store(buf);
-  A s = buf[0];
-  for (int64_t i = 1; i < at::vec::Vectorized<A>::size(); ++i) s = buf[i] > s ? buf[i] : s;
-  return s;
-}
-
 // Values per chunk summed in acc_t before the chunk's sum joins a double accumulator.
 constexpr int64_t kChunk = 4096;
-
-// Pass-1 result for a group of values; merged in a fixed order.
-struct Sum1 {
-  double sum = 0;
-  double mn = std::numeric_limits<double>::infinity();
-  double mx = -std::numeric_limits<double>::infinity();
-  void merge(const Sum1& o) {
-    sum += o.sum;
-    mn = o.mn < mn ? o.mn : mn;
-    mx = o.mx > mx ? o.mx : mx;
-  }
-  // The shift m for pass 2: the mean, or exactly the value of a constant group.
-  double shift(int64_t n) const { return mn == mx ? mn : sum / static_cast<double>(n); }
-};
 
 // Pass-2 result: sums of d and d*d with d = x - m.
 struct Sum2 {
@@ -136,41 +105,25 @@ inline Moments moments_from(double m, double sd, double sdd, int64_t n) {
   return r;
 }
 
-// Pass 1 over n contiguous values.
+// Pass 1 over n > 0 contiguous values: the shift m = x0 + sum(x - x0) / n.
 template <typename T>
-inline Sum1 span_pass1(const T* x, int64_t n) {
+inline acc_t<T> span_shift(const T* x, int64_t n) {
   using P = VecPair<T>;
   using A = typename P::A;
   using V = typename P::V;
-  Sum1 out;
-  V lo(std::numeric_limits<A>::infinity()), hi(-std::numeric_limits<A>::infinity());
-  A slo = std::numeric_limits<A>::infinity(), shi = -slo;
-  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
-    const int64_t c1 = std::min(n, c0 + kChunk);
-    V s0(A(0)), s1(A(0));
-    int64_t i = c0;
-    for (; i + P::kStep <= c1; i += P::kStep) {
-      V a, b;
-      P::load(x + i, a, b);
-      s0 += a;
-      s1 += b;
-      lo = at::vec::minimum(lo, at::vec::minimum(a, b));
-      hi = at::vec::maximum(hi, at::vec::maximum(a, b));
-    }
-    A s = hsum(s0 + s1);
-    for (; i < c1; ++i) {
-      A v = static_cast<A>(x[i]);
-      s += v;
-      slo = v < slo ? v : slo;
-      shi = v > shi ? v : shi;
-    }
-    out.sum += s;
+  const A x0 = static_cast<A>(x[0]);
+  const V v0(x0);
+  V s0(A(0)), s1(A(0));
+  int64_t i = 0;
+  for (; i + P::kStep <= n; i += P::kStep) {
+    V a, b;
+    P::load(x + i, a, b);
+    s0 += a - v0;
+    s1 += b - v0;
   }
-  A vlo = hmin(lo), vhi = hmax(hi);
-  out.mn = std::min<double>(vlo < slo ? vlo : slo, out.mn);
-  out.mx = std::max<double>(vhi > shi ? vhi : shi, out.mx);
-  if (std::isnan(out.sum)) out.mn = out.mx = out.sum;
-  return out;
+  A s = hsum(s0 + s1);
+  for (; i < n; ++i) s += static_cast<A>(x[i]) - x0;
+  return x0 + s / static_cast<A>(n);
 }
 
 // Pass 2 over n contiguous values with shift m.
@@ -214,7 +167,7 @@ inline Moments span_moments(const T* x, int64_t n) {
   Moments out;
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t len = std::min(kChunk, n - c0);
-    const acc_t<T> m = static_cast<acc_t<T>>(span_pass1(x + c0, len).shift(len));
+    const acc_t<T> m = span_shift(x + c0, len);
     const Sum2 s2 = span_pass2(x + c0, len, m);
     out.merge(moments_from(static_cast<double>(m), s2.sd, s2.sdd, len));
   }
