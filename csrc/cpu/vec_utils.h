@@ -112,7 +112,10 @@ inline void finish_moments(double m, const Sum2& s2, int64_t n, double& mean, do
     return;
   }
   double dm = s2.sd / static_cast<double>(n);
-  mean = m + dm;
+  // An Inf in the group makes the shift Inf and every d = x - m NaN or -Inf: the mean is then
+  // the shift itself (+-Inf, or NaN for +Inf and -Inf together), as torch's batch statistics and
+  // so BatchNorm's running_mean give it; the variance stays NaN.
+  mean = std::isfinite(m) ? m + dm : m;
   var = s2.sdd / static_cast<double>(n) - dm * dm;
   if (var < 0) var = 0;
 }
