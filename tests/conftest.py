@@ -25,12 +25,17 @@ HALF = (torch.bfloat16, torch.float16)
 # rounding grows with the group size, and dx = r * (g - mean(g) - xhat * mean(g * xhat)) subtracts
 # nearly equal terms, which turns small absolute errors into large relative ones.
 TOL = {
-    torch.float32: {"fwd": dict(atol=1e-5, rtol=1e-5), "bwd": dict(atol=1e-4, rtol=1e-4)},
-    torch.float64: {"fwd": dict(atol=1e-12, rtol=1e-12), "bwd": dict(atol=1e-10, rtol=1e-10)},
-    torch.bfloat16: {"fwd": dict(atol=1e-2, rtol=0), "bwd": dict(atol=5e-2, rtol=0)},
-    torch.float16: {"fwd": dict(atol=2e-3, rtol=0), "bwd": dict(atol=1e-2, rtol=0)},
+    torch.float32: {"fwd": {"atol": 1e-5, "rtol": 1e-5}, "bwd": {"atol": 1e-4, "rtol": 1e-4}},
+    torch.float64: {"fwd": {"atol": 1e-12, "rtol": 1e-12}, "bwd": {"atol": 1e-10, "rtol": 1e-10}},
+    torch.bfloat16: {"fwd": {"atol": 1e-2, "rtol": 0}, "bwd": {"atol": 5e-2, "rtol": 0}},
+    torch.float16: {"fwd": {"atol": 2e-3, "rtol": 0}, "bwd": {"atol": 1e-2, "rtol": 0}},
 }
 REF_ERR_MULT = 2.0
+
+
+def prefixed(prefix: str):
+    """An assert_close ``msg`` callable that puts ``prefix`` before torch's own message."""
+    return lambda message: f"{prefix}: {message}"
 
 
 def check(name: str, actual, expected, ref, dtype: torch.dtype, kind: str) -> None:
@@ -40,22 +45,26 @@ def check(name: str, actual, expected, ref, dtype: torch.dtype, kind: str) -> No
     assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
     assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
     if not actual.is_floating_point():  # num_batches_tracked
-        torch.testing.assert_close(actual, expected, atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(actual, expected, atol=0, rtol=0, msg=prefixed(f"{name}"))
         return
     tol = TOL[dtype][kind]
     if dtype == torch.float64 or ref is None:
         if dtype in HALF:  # e.g. half running statistics, updated in float: allow one ulp
-            tol = dict(atol=tol["atol"], rtol=torch.finfo(dtype).eps)
+            tol = {"atol": tol["atol"], "rtol": torch.finfo(dtype).eps}
         torch.testing.assert_close(
-            actual, expected, **tol, equal_nan=True, msg=lambda m: f"{name} ({dtype}): {m}"
+            actual, expected, **tol, equal_nan=True, msg=prefixed(f"{name} ({dtype})")
         )
         return
     ref = ref.double()
     diff = (expected.double() - ref).abs().nan_to_num(0)
     torch_err = diff.max().item() if diff.numel() else 0.0
     torch.testing.assert_close(
-        actual.double(), ref, atol=REF_ERR_MULT * torch_err + tol["atol"], rtol=tol["rtol"],
-        equal_nan=True, msg=lambda m: f"{name} ({dtype}, torch's own error {torch_err:.3g}): {m}",
+        actual.double(),
+        ref,
+        atol=REF_ERR_MULT * torch_err + tol["atol"],
+        rtol=tol["rtol"],
+        equal_nan=True,
+        msg=prefixed(f"{name} ({dtype}, torch's own error {torch_err:.3g})"),
     )
 
 
@@ -63,7 +72,9 @@ def check(name: str, actual, expected, ref, dtype: torch.dtype, kind: str) -> No
 LAYOUTS = ["contiguous", "sliced", "transposed", "broadcast"]
 
 
-def make_input(shape, dtype, layout: str = "contiguous", *, scale: float = 1.0, offset: float = 0.0):
+def make_input(
+    shape, dtype, layout: str = "contiguous", *, scale: float = 1.0, offset: float = 0.0
+):
     """Returns (base, view): a tensor ``base`` of random values and a function ``view`` that makes
     from it (or from a copy of it in another dtype) an input of the given shape and layout:
     contiguous; sliced (every other element of a larger tensor, at an offset); transposed (all dims

@@ -21,6 +21,7 @@ from conftest import (
     compare_runs,
     forward_backward,
     make_input,
+    prefixed,
     same_strides,
 )
 from torch import nn
@@ -46,8 +47,20 @@ SHAPES = [
 LARGE = [(16, 64, 32, 32), (4096, 1023), (3, 5, 70001)]
 
 
-def run_bn(shape, dtype, layout="contiguous", *, training=True, affine=True, stats=True,
-           param_dtype=None, momentum=0.1, eps=1e-5, scale=1.0, offset=0.0):
+def run_bn(
+    shape,
+    dtype,
+    layout="contiguous",
+    *,
+    training=True,
+    affine=True,
+    stats=True,
+    param_dtype=None,
+    momentum=0.1,
+    eps=1e-5,
+    scale=1.0,
+    offset=0.0,
+):
     """normext vs torch (and a float64 reference, conftest.check) for one configuration: output,
     grads of input/weight/bias, running statistics after the call. Returns the three runs."""
     base, view = make_input(shape, dtype, layout, scale=scale, offset=offset)
@@ -66,7 +79,9 @@ def run_bn(shape, dtype, layout="contiguous", *, training=True, affine=True, sta
     theirs = forward_backward(fn(F.batch_norm), base, view, dy, (w, b), (rm, rv))
     ref = None
     if dtype != torch.float64:
-        ref = forward_backward(fn(F.batch_norm), base, view, dy, (w, b), (rm, rv), dtype=torch.float64)
+        ref = forward_backward(
+            fn(F.batch_norm), base, view, dy, (w, b), (rm, rv), dtype=torch.float64
+        )
     compare_runs(ours, theirs, ref, dtype)
     assert same_strides(ours[0], theirs[0]), (ours[0].stride(), theirs[0].stride())
     return ours, theirs, ref
@@ -96,7 +111,11 @@ LAYOUT_CASES = (
     [((6, 5, 37), layout) for layout in LAYOUTS]
     + [((37, 5), layout) for layout in LAYOUTS]
     + [((4, 3, 5, 7), layout) for layout in LAYOUTS + ["channels_last"]]
-    + [((5, 3, 1, 1), "channels_last"), ((4, 1, 3, 3), "channels_last"), ((3, 70, 2, 3), "channels_last")]
+    + [
+        ((5, 3, 1, 1), "channels_last"),
+        ((4, 1, 3, 3), "channels_last"),
+        ((3, 70, 2, 3), "channels_last"),
+    ]
     + [((2, 3, 4, 5, 6), layout) for layout in ["transposed", "sliced", "channels_last_3d"]]
 )
 
@@ -119,14 +138,22 @@ def test_layouts(shape, layout, training, dtype):
 )
 @pytest.mark.parametrize(
     "training,affine,stats",
-    [(True, True, True), (True, False, True), (True, True, False), (True, False, False),
-     (False, True, True), (False, False, True)],
+    [
+        (True, True, True),
+        (True, False, True),
+        (True, True, False),
+        (True, False, False),
+        (False, True, True),
+        (False, False, True),
+    ],
     ids=["train-affine-stats", "train-stats", "train-affine", "train", "eval-affine", "eval"],
 )
 def test_affine_and_statistics(training, affine, stats, dtype, param_dtype):
     """affine=False (no weight/bias), no running statistics (track_running_stats=False), and
     float32 params/statistics with a bfloat16/float16 input."""
-    run_bn((5, 4, 3, 6), dtype, training=training, affine=affine, stats=stats, param_dtype=param_dtype)
+    run_bn(
+        (5, 4, 3, 6), dtype, training=training, affine=affine, stats=stats, param_dtype=param_dtype
+    )
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.1, 0.5, 1.0])
@@ -146,8 +173,9 @@ MODULE_CASES = [
 ]
 
 
-def run_module_steps(cls_name, shape, dtype=torch.float32, module_dtype=None, layout="contiguous",
-                     steps=3, **kwargs):
+def run_module_steps(
+    cls_name, shape, dtype=torch.float32, module_dtype=None, layout="contiguous", steps=3, **kwargs
+):
     """The normext module and torch's, from the same state, through `steps` training steps
     (forward, backward) and then eval (forward, backward): outputs, grads and every buffer,
     num_batches_tracked included, after each step."""
@@ -160,7 +188,7 @@ def run_module_steps(cls_name, shape, dtype=torch.float32, module_dtype=None, la
     ours = getattr(normext, cls_name)(c, **kwargs).to(module_dtype or dtype)
     ours.load_state_dict(theirs.state_dict())
     assert type(ours) is not type(theirs)
-    params = lambda m: [m.weight, m.bias] if m.weight is not None else []  # noqa: E731
+    params = lambda m: [m.weight, m.bias] if m.weight is not None else []
     for step in range(steps + 1):
         training = step < steps
         ours.train(training)
@@ -169,17 +197,18 @@ def run_module_steps(cls_name, shape, dtype=torch.float32, module_dtype=None, la
         dy = torch.randn(shape, dtype=dtype)
         for m in (ours, theirs):
             m.zero_grad()
-        run = lambda m, **kw: forward_backward(  # noqa: E731
-            lambda x, *ps: m(x), base, view, dy, **kw
-        )
-        o, t = run(ours), run(theirs)
+        o, t = forward_backward(ours, base, view, dy), forward_backward(theirs, base, view, dy)
         ref = None
         if dtype != torch.float64:
             # theirs' state after its call: its output never depends on what the call changed
             ref_module = getattr(nn, cls_name)(c, **kwargs).double().train(training)
-            ref_module.load_state_dict({k: v.double() if v.is_floating_point() else v
-                                        for k, v in theirs.state_dict().items()})
-            ref = forward_backward(lambda x: ref_module(x), base, view, dy, dtype=torch.float64)
+            ref_module.load_state_dict(
+                {
+                    k: v.double() if v.is_floating_point() else v
+                    for k, v in theirs.state_dict().items()
+                }
+            )
+            ref = forward_backward(ref_module, base, view, dy, dtype=torch.float64)
             ref = (ref[0], ref[1], [p.grad for p in params(ref_module)], [])
         o = (o[0], o[1], [p.grad for p in params(ours)], [])
         t = (t[0], t[1], [p.grad for p in params(theirs)], [])
@@ -205,8 +234,13 @@ def test_module_training_steps(cls_name, shape, momentum, track, affine):
 
 @pytest.mark.parametrize(
     "dtype,module_dtype",
-    [(torch.float64, None), (torch.bfloat16, torch.float32), (torch.float16, torch.float32),
-     (torch.bfloat16, None), (torch.float16, None)],
+    [
+        (torch.float64, None),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float32),
+        (torch.bfloat16, None),
+        (torch.float16, None),
+    ],
     ids=str,
 )
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -216,11 +250,14 @@ def test_module_dtypes(dtype, module_dtype, momentum):
     run_module_steps("BatchNorm2d", (4, 5, 3, 6), dtype, module_dtype, momentum=momentum)
 
 
-@pytest.mark.parametrize("cls_name,shape,layout", [
-    ("BatchNorm2d", (4, 5, 3, 6), "channels_last"),
-    ("BatchNorm3d", (2, 5, 3, 4, 3), "channels_last_3d"),
-    ("BatchNorm1d", (6, 5, 11), "transposed"),
-])
+@pytest.mark.parametrize(
+    "cls_name,shape,layout",
+    [
+        ("BatchNorm2d", (4, 5, 3, 6), "channels_last"),
+        ("BatchNorm3d", (2, 5, 3, 4, 3), "channels_last_3d"),
+        ("BatchNorm1d", (6, 5, 11), "transposed"),
+    ],
+)
 def test_module_layouts(cls_name, shape, layout):
     run_module_steps(cls_name, shape, layout=layout)
 
@@ -241,13 +278,24 @@ def test_eps_zero_accepted_in_training():
     torch.testing.assert_close(expected_var, torch.full((4,), 287.857142857, dtype=torch.float64))
     torch.testing.assert_close(m.running_var, expected_var, atol=0, rtol=1e-12)
     torch.testing.assert_close(
-        m.running_mean, torch.tensor([statistics.mean(v) for v in values], dtype=torch.float64),
-        atol=0, rtol=1e-12,
+        m.running_mean,
+        torch.tensor([statistics.mean(v) for v in values], dtype=torch.float64),
+        atol=0,
+        rtol=1e-12,
     )
-    expected_y = torch.tensor([
-        [[(20 * n + 5 * c + l - statistics.mean(values[c])) / statistics.pstdev(values[c])
-          for l in range(5)] for c in range(4)] for n in range(3)
-    ], dtype=torch.float64)
+    expected_y = torch.tensor(
+        [
+            [
+                [
+                    (20 * n + 5 * c + l - statistics.mean(values[c])) / statistics.pstdev(values[c])
+                    for l in range(5)
+                ]
+                for c in range(4)
+            ]
+            for n in range(3)
+        ],
+        dtype=torch.float64,
+    )
     torch.testing.assert_close(y, expected_y, atol=1e-12, rtol=1e-12)
     # float32, with the default affine parameters, gives the same within float32 rounding
     m32 = normext.BatchNorm1d(4, eps=0.0, momentum=1.0)
@@ -266,11 +314,18 @@ def test_negative_eps_raises(eps, training):
     with pytest.raises(ValueError, match="eps must be non-negative"):
         m(x)
     with pytest.raises(RuntimeError, match="eps must be non-negative"):
-        torch.ops.normext.batch_norm_fwd(x, None, None, torch.zeros(3), torch.ones(3), training, eps)
+        torch.ops.normext.batch_norm_fwd(
+            x, None, None, torch.zeros(3), torch.ones(3), training, eps
+        )
 
 
-CONSTANT_CASES = [((6, 3), "contiguous"), ((4, 3, 37), "contiguous"), ((3, 2, 1030), "contiguous"),
-                  ((4, 5, 3, 3), "channels_last"), ((1, 4, 2, 2, 3), "channels_last_3d")]
+CONSTANT_CASES = [
+    ((6, 3), "contiguous"),
+    ((4, 3, 37), "contiguous"),
+    ((3, 2, 1030), "contiguous"),
+    ((4, 5, 3, 3), "channels_last"),
+    ((1, 4, 2, 2, 3), "channels_last_3d"),
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -292,8 +347,11 @@ def test_constant_channel_is_exactly_zero(shape, layout, value, dtype):
     assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
 
 
-@pytest.mark.parametrize("shape,layout", [((8, 3, 37), "contiguous"), ((4, 3, 5, 7), "channels_last"),
-                                          ((4099, 3), "contiguous")], ids=str)
+@pytest.mark.parametrize(
+    "shape,layout",
+    [((8, 3, 37), "contiguous"), ((4, 3, 5, 7), "channels_last"), ((4099, 3), "contiguous")],
+    ids=str,
+)
 def test_large_offset_is_stable(shape, layout):
     """float32 channels with mean 1e4 and std 1e-2: statistics must not cancel (no E[x^2] -
     E[x]^2). Against a float64 reference from the same float32 inputs: invstd and the running
@@ -323,7 +381,7 @@ def test_large_offset_is_stable(shape, layout):
 def test_empty_batch(shape, training, dtype):
     """An empty batch gives an empty output and zero weight/bias grads, and leaves the running
     statistics unchanged, as in torch."""
-    (_, _, _, (rm, rv)), _, _ = run_bn(shape, dtype, training=training)
+    (_, _, _, (_rm, _rv)), _, _ = run_bn(shape, dtype, training=training)
 
 
 @pytest.mark.parametrize("cls_name,shape", [("BatchNorm1d", (0, 3)), ("BatchNorm2d", (0, 3, 2, 2))])
@@ -406,7 +464,9 @@ def test_saved_statistics(layout, dtype):
     dx, dw, db = torch.ops.normext.batch_norm_bwd(dy, x, w, mean, invstd, True, [True, True, True])
     assert dx.dtype == dtype and dx.shape == x.shape
     assert dw.dtype == acc and dw.shape == (3,) and db.dtype == acc and db.shape == (3,)
-    _, dw0, db0 = torch.ops.normext.batch_norm_bwd(dy, x, w, mean, invstd, True, [True, False, False])
+    _, dw0, db0 = torch.ops.normext.batch_norm_bwd(
+        dy, x, w, mean, invstd, True, [True, False, False]
+    )
     assert dw0.numel() == 0 and db0.numel() == 0
     rm, rv = torch.zeros(3, dtype=acc), torch.ones(3, dtype=acc)
     _, emean, einvstd, evar = torch.ops.normext.batch_norm_fwd(x, w, None, rm, rv, False, 1e-5)
@@ -437,15 +497,22 @@ def test_update_stats_op(momentum, count, dtype):
     ev = (1 - momentum) * rv.double() + momentum * bv.double() * unbias
     tol = TOL[torch.float64 if dtype == torch.float64 else torch.float32]["fwd"]
     if dtype == torch.bfloat16:
-        tol = dict(atol=1e-2, rtol=1e-2)
+        tol = {"atol": 1e-2, "rtol": 1e-2}
     torch.testing.assert_close(nm, em.to(dtype), **tol)
     torch.testing.assert_close(nv, ev.to(dtype), **tol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,layout", [((64, 33, 129), "contiguous"), ((4096, 37), "contiguous"),
-                                          ((16, 70, 9, 11), "channels_last"), ((2, 3, 70001), "contiguous")],
-                         ids=str)
+@pytest.mark.parametrize(
+    "shape,layout",
+    [
+        ((64, 33, 129), "contiguous"),
+        ((4096, 37), "contiguous"),
+        ((16, 70, 9, 11), "channels_last"),
+        ((2, 3, 70001), "contiguous"),
+    ],
+    ids=str,
+)
 def test_deterministic(shape, layout, dtype):
     """Two runs give bitwise-equal outputs, grads and running statistics, whatever the number of
     threads."""
@@ -454,16 +521,16 @@ def test_deterministic(shape, layout, dtype):
     w, b = torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype)
     stats = (torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype))
     dy = torch.randn(shape, dtype=dtype)
-    fn = lambda x, w, b, rm, rv: NF.batch_norm(x, rm, rv, w, b, True)  # noqa: E731
+    fn = lambda x, w, b, rm, rv: NF.batch_norm(x, rm, rv, w, b, True)
     first = forward_backward(fn, base, view, dy, (w, b), stats)
-    flat = lambda r: [r[0], r[1], *r[2], *r[3]]  # noqa: E731
+    flat = lambda r: [r[0], r[1], *r[2], *r[3]]
     threads = torch.get_num_threads()
     try:
         for t in {1, max(2, threads)}:
             torch.set_num_threads(t)
             again = forward_backward(fn, base, view, dy, (w, b), stats)
             for a, e in zip(flat(first), flat(again)):
-                torch.testing.assert_close(a, e, atol=0, rtol=0, msg=lambda m: f"{t} threads: {m}")
+                torch.testing.assert_close(a, e, atol=0, rtol=0, msg=prefixed(f"{t} threads"))
     finally:
         torch.set_num_threads(threads)
 

@@ -16,6 +16,7 @@ from conftest import (
     compare_runs,
     forward_backward,
     make_input,
+    prefixed,
     same_strides,
 )
 
@@ -39,8 +40,18 @@ SHAPES = [
 LARGE = [((4096, 1024), (1024,)), ((64, 65537), (65537,)), ((1000, 3, 257), (3, 257))]
 
 
-def run_ln(shape, normalized_shape, dtype, layout="contiguous", affine="both", param_dtype=None,
-           eps=1e-5, *, scale=1.0, offset=0.0):
+def run_ln(
+    shape,
+    normalized_shape,
+    dtype,
+    layout="contiguous",
+    affine="both",
+    param_dtype=None,
+    eps=1e-5,
+    *,
+    scale=1.0,
+    offset=0.0,
+):
     """normext vs torch (and a float64 reference, conftest.check) for one configuration; returns
     the three runs, each (y, dx, [dw, db], [])."""
     base, view = make_input(shape, dtype, layout, scale=scale, offset=offset)
@@ -87,7 +98,7 @@ def test_large_shapes(shape, normalized_shape, dtype):
 @pytest.mark.parametrize("normalized_ndim", [1, 2])
 def test_layouts(layout, normalized_ndim, dtype):
     shape = (3, 5, 7, 37)
-    run_ln(shape, shape[4 - normalized_ndim:], dtype, layout)
+    run_ln(shape, shape[4 - normalized_ndim :], dtype, layout)
 
 
 @pytest.mark.parametrize(
@@ -122,7 +133,9 @@ def test_constant_row_is_exactly_zero(n, value, dtype):
     const = [0, 2, 3] if n > 1 else [0, 1, 2, 3]
     torch.testing.assert_close(y[const], torch.zeros_like(y[const]), atol=0, rtol=0)
     xr = x.clone().requires_grad_(True)
-    NF.layer_norm(xr, (n,), torch.randn(n, dtype=dtype), torch.randn(n, dtype=dtype)).sum().backward()
+    NF.layer_norm(
+        xr, (n,), torch.randn(n, dtype=dtype), torch.randn(n, dtype=dtype)
+    ).sum().backward()
     assert torch.isfinite(xr.grad).all()
 
 
@@ -144,10 +157,10 @@ def test_large_offset_is_stable(n):
     assert (y.double() - ref).abs().max().item() <= REF_ERR_MULT * torch_err + 1e-4
 
 
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
-    "shape,normalized_shape", [((0, 5), (5,)), ((2, 0, 5), (5,)), ((3, 0), (0,)), ((0, 4, 3), (4, 3))],
+    "shape,normalized_shape",
+    [((0, 5), (5,)), ((2, 0, 5), (5,)), ((3, 0), (0,)), ((0, 4, 3), (4, 3))],
     ids=str,
 )
 def test_empty(shape, normalized_shape, dtype):
@@ -166,7 +179,14 @@ def test_nonfinite_propagates(bad, dtype):
     expected = F.layer_norm(x, (37,), w, b)
     torch.testing.assert_close(torch.isnan(y), torch.isnan(expected))
     torch.testing.assert_close(torch.isinf(y), torch.isinf(expected))
-    check("finite rows", y[[0, 1, 3]], expected[[0, 1, 3]], F.layer_norm(x.double(), (37,), w.double(), b.double())[[0, 1, 3]], dtype, "fwd")
+    check(
+        "finite rows",
+        y[[0, 1, 3]],
+        expected[[0, 1, 3]],
+        F.layer_norm(x.double(), (37,), w.double(), b.double())[[0, 1, 3]],
+        dtype,
+        "fwd",
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -176,7 +196,7 @@ def test_saved_statistics(normalized_ndim, dtype):
     inputs (float64 for float64); layer_norm_bwd's weight/bias grads are in that dtype too."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     x = torch.randn(2, 3, 4, 5, dtype=dtype)
-    pshape = x.shape[4 - normalized_ndim:]
+    pshape = x.shape[4 - normalized_ndim :]
     w, b = torch.randn(pshape, dtype=dtype), torch.randn(pshape, dtype=dtype)
     y, mean, rstd = torch.ops.normext.layer_norm_fwd(x, normalized_ndim, w, b, 1e-5)
     assert y.dtype == dtype and y.shape == x.shape
@@ -184,15 +204,21 @@ def test_saved_statistics(normalized_ndim, dtype):
         assert t.dtype == acc and t.shape == x.shape[: 4 - normalized_ndim]
     dims = tuple(range(4 - normalized_ndim, 4))
     torch.testing.assert_close(mean, x.to(acc).mean(dim=dims), **TOL_STATS)
-    torch.testing.assert_close(rstd, (x.to(acc).var(dim=dims, unbiased=False) + 1e-5).rsqrt(), **TOL_STATS)
-    dx, dw, db = torch.ops.normext.layer_norm_bwd(torch.randn_like(x), x, normalized_ndim, mean, rstd, w, [True, True, True])
+    torch.testing.assert_close(
+        rstd, (x.to(acc).var(dim=dims, unbiased=False) + 1e-5).rsqrt(), **TOL_STATS
+    )
+    dx, dw, db = torch.ops.normext.layer_norm_bwd(
+        torch.randn_like(x), x, normalized_ndim, mean, rstd, w, [True, True, True]
+    )
     assert dx.dtype == dtype and dx.shape == x.shape
     assert dw.dtype == acc and dw.shape == pshape and db.dtype == acc and db.shape == pshape
-    _, dw0, db0 = torch.ops.normext.layer_norm_bwd(torch.randn_like(x), x, normalized_ndim, mean, rstd, w, [True, False, False])
+    _, dw0, db0 = torch.ops.normext.layer_norm_bwd(
+        torch.randn_like(x), x, normalized_ndim, mean, rstd, w, [True, False, False]
+    )
     assert dw0.numel() == 0 and db0.numel() == 0
 
 
-TOL_STATS = dict(atol=1e-5, rtol=1e-5)
+TOL_STATS = {"atol": 1e-5, "rtol": 1e-5}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -203,7 +229,7 @@ def test_deterministic(shape, dtype):
     n = shape[-1]
     w, b = torch.randn(n, dtype=dtype), torch.randn(n, dtype=dtype)
     dy = torch.randn(shape, dtype=dtype)
-    fn = lambda x, w, b: NF.layer_norm(x, (n,), w, b)  # noqa: E731
+    fn = lambda x, w, b: NF.layer_norm(x, (n,), w, b)
     first = forward_backward(fn, base, view, dy, (w, b))
     threads = torch.get_num_threads()
     try:
@@ -211,6 +237,6 @@ def test_deterministic(shape, dtype):
             torch.set_num_threads(t)
             again = forward_backward(fn, base, view, dy, (w, b))
             for a, e in zip([first[0], first[1], *first[2]], [again[0], again[1], *again[2]]):
-                torch.testing.assert_close(a, e, atol=0, rtol=0, msg=lambda m: f"{t} threads: {m}")
+                torch.testing.assert_close(a, e, atol=0, rtol=0, msg=prefixed(f"{t} threads"))
     finally:
         torch.set_num_threads(threads)

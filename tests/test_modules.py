@@ -8,7 +8,7 @@ import io
 
 import pytest
 import torch
-from conftest import DTYPES, compare_runs, forward_backward, make_input
+from conftest import DTYPES, compare_runs, forward_backward, make_input, prefixed
 from torch import nn
 
 import normext
@@ -18,20 +18,20 @@ BN_INPUT = {"BatchNorm1d": (6, 4, 5), "BatchNorm2d": (3, 4, 5, 2), "BatchNorm3d"
 
 BN_KWARGS = [
     {},
-    dict(eps=1e-3, momentum=None),
-    dict(momentum=1.0, affine=False),
-    dict(track_running_stats=False),
-    dict(affine=False, track_running_stats=False),
-    dict(dtype=torch.float64),
-    dict(device="meta"),
+    {"eps": 1e-3, "momentum": None},
+    {"momentum": 1.0, "affine": False},
+    {"track_running_stats": False},
+    {"affine": False, "track_running_stats": False},
+    {"dtype": torch.float64},
+    {"device": "meta"},
 ]
 LN_ARGS = [
     ((7,), {}),
-    ([3, 5], dict(eps=1e-3)),
-    ((2, 3, 4), dict(elementwise_affine=False)),
-    (5, dict(bias=False)),
-    ((5,), dict(dtype=torch.bfloat16)),
-    ((5,), dict(device="meta")),
+    ([3, 5], {"eps": 1e-3}),
+    ((2, 3, 4), {"elementwise_affine": False}),
+    (5, {"bias": False}),
+    ((5,), {"dtype": torch.bfloat16}),
+    ((5,), {"device": "meta"}),
 ]
 
 
@@ -40,20 +40,22 @@ def assert_same_state(ours: nn.Module, theirs: nn.Module, *, values: bool = True
     for kind in ("named_parameters", "named_buffers"):
         a, e = dict(getattr(ours, kind)()), dict(getattr(theirs, kind)())
         assert a.keys() == e.keys(), kind
-        for name in a:
-            assert a[name].shape == e[name].shape, name
-            assert a[name].dtype == e[name].dtype, name
-            assert a[name].device == e[name].device, name
-            assert a[name].requires_grad == e[name].requires_grad, name
-            if values and a[name].device.type != "meta":
-                torch.testing.assert_close(a[name], e[name], atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
+        for name, t in a.items():
+            assert t.shape == e[name].shape, name
+            assert t.dtype == e[name].dtype, name
+            assert t.device == e[name].device, name
+            assert t.requires_grad == e[name].requires_grad, name
+            if values and t.device.type != "meta":
+                torch.testing.assert_close(t, e[name], atol=0, rtol=0, msg=prefixed(name))
 
 
 @pytest.mark.parametrize("kwargs", BN_KWARGS, ids=str)
 @pytest.mark.parametrize("cls_name", BN_CLASSES)
 def test_batch_norm_constructor(cls_name, kwargs):
     ours, theirs = getattr(normext, cls_name)(4, **kwargs), getattr(nn, cls_name)(4, **kwargs)
-    assert isinstance(ours, getattr(nn, cls_name)) and isinstance(ours, nn.modules.batchnorm._BatchNorm)
+    assert isinstance(ours, getattr(nn, cls_name)) and isinstance(
+        ours, nn.modules.batchnorm._BatchNorm
+    )
     assert type(ours).__name__ == cls_name
     assert repr(ours) == repr(theirs)
     assert_same_state(ours, theirs)
@@ -162,7 +164,7 @@ def test_layer_norm_module(args, kwargs, dtype, module_dtype):
     dy = torch.randn(shape, dtype=dtype)
 
     def run(m, dt=None):
-        y, gx, _, _ = forward_backward(lambda x: m(x), base, view, dy, dtype=dt)
+        y, gx, _, _ = forward_backward(m, base, view, dy, dtype=dt)
         grads = [p.grad for p in (m.weight, m.bias) if p is not None]
         return y, gx, grads, []
 
@@ -227,12 +229,14 @@ def test_convert_conv_net():
             m(x).square().mean().backward()
         torch.testing.assert_close(model(x), ref(x))
         for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
-            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(
+                p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=prefixed(f"{name}")
+            )
         opt.step()
         opt_ref.step()
     assert len(hook_calls) == 6
     for (name, b), (_, c) in zip(model.named_buffers(), ref.named_buffers()):
-        torch.testing.assert_close(b, c, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(b, c, atol=1e-5, rtol=1e-4, msg=prefixed(f"{name}"))
     model.eval()
     ref.eval()
     x = torch.randn(2, 3, 4, 4)
@@ -240,7 +244,9 @@ def test_convert_conv_net():
 
 
 def test_convert_leaves_subclasses_and_others_alone():
-    model = nn.Sequential(MyBatchNorm(3), nn.SyncBatchNorm(3), nn.GroupNorm(1, 3), nn.BatchNorm2d(3))
+    model = nn.Sequential(
+        MyBatchNorm(3), nn.SyncBatchNorm(3), nn.GroupNorm(1, 3), nn.BatchNorm2d(3)
+    )
     normext.convert(model)
     assert type(model[0]) is MyBatchNorm
     assert type(model[1]) is nn.SyncBatchNorm
