@@ -207,3 +207,24 @@ def _batch_norm_backward(ctx, dy, _dmean, _dinvstd, _dvar):
 torch.library.register_autograd(
     "normext::batch_norm_fwd", _batch_norm_backward, setup_context=_batch_norm_setup_context
 )
+
+
+# ---- double backward ----------------------------------------------------------------------------
+# The backward ops are not differentiable themselves. Without an autograd registration, autograd's
+# fallback treats them as constants and a gradient of a gradient (create_graph=True, e.g. a
+# gradient penalty) comes out silently wrong (zero). Registering a backward that raises turns
+# that into a clear error, raised only when something actually backpropagates through them.
+
+
+def _no_double_backward(op: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"normext::{op}: double backward (the gradient of a gradient through normext's "
+            "backward) is not implemented; use torch.nn's module for this computation"
+        )
+
+    return backward
+
+
+for _op in ("layer_norm_bwd", "batch_norm_bwd"):
+    torch.library.register_autograd(f"normext::{_op}", _no_double_backward(_op))
