@@ -219,6 +219,31 @@ def test_gradcheck_batch_norm(shape, layout, mode, affine):
     assert torch.autograd.gradcheck(fn, (x, *params))
 
 
+@pytest.mark.parametrize("fn", ["layer_norm", "batch_norm"])
+def test_double_backward_raises(fn):
+    """The backward ops are not differentiable: a gradient of a gradient must raise, not come out
+    silently zero (torch's autograd fallback for an op without autograd); the first-order
+    gradient taken with create_graph=True is still right."""
+    x = torch.randn(5, 3, 4, **f64)
+    w = torch.randn(4 if fn == "layer_norm" else 3, **f64)
+
+    def call(lib, x, w):
+        if fn == "layer_norm":
+            return lib.layer_norm(x, (4,), w)
+        return lib.batch_norm(x, None, None, w, None, training=True)
+
+    grads = []
+    for lib in (F, NF):
+        xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(call(lib, xr, wr).pow(3).sum(), xr, create_graph=True)
+        grads.append((xr, wr, g))
+    torch.testing.assert_close(grads[1][2], grads[0][2], **TOL[torch.float64]["bwd"])
+    grads[0][2].pow(2).sum().backward()  # torch: fine, and not zero
+    assert grads[0][0].grad.abs().max() > 0
+    with pytest.raises(RuntimeError, match=rf"normext::{fn}_bwd: double backward .* not implemented"):
+        grads[1][2].pow(2).sum().backward()
+
+
 # ---- torch.compile ----------------------------------------------------------------------------
 
 
