@@ -240,7 +240,9 @@ def test_double_backward_raises(fn):
     torch.testing.assert_close(grads[1][2], grads[0][2], **TOL[torch.float64]["bwd"])
     grads[0][2].pow(2).sum().backward()  # torch: fine, and not zero
     assert grads[0][0].grad.abs().max() > 0
-    with pytest.raises(RuntimeError, match=rf"normext::{fn}_bwd: double backward .* not implemented"):
+    with pytest.raises(
+        RuntimeError, match=rf"normext::{fn}_bwd: double backward .* not implemented"
+    ):
         grads[1][2].pow(2).sum().backward()
 
 
@@ -356,20 +358,30 @@ def _run_sample(fn, sample, dy_seed):
     return y.detach(), state
 
 
+def _torch_batch_norm_eps0(*args, **kwargs):
+    """torch's batch_norm, but with eps=0 in training (which torch refuses and normext accepts,
+    DESIGN.md) replaced by the smallest positive float64, which gives the same result."""
+    if kwargs.get("eps", 1e-5) == 0 and kwargs.get("training", False):
+        kwargs = {**kwargs, "eps": torch.finfo(torch.float64).tiny}
+    return F.batch_norm(*args, **kwargs)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize(
-    "name,ours",
-    [("nn.functional.batch_norm", NF.batch_norm), ("nn.functional.layer_norm", NF.layer_norm)],
-    ids=str,
+    "name,ours,theirs",
+    [
+        ("nn.functional.batch_norm", NF.batch_norm, _torch_batch_norm_eps0),
+        ("nn.functional.layer_norm", NF.layer_norm, F.layer_norm),
+    ],
+    ids=["batch_norm", "layer_norm"],
 )
-def test_opinfo_samples(op_db, name, ours, dtype):
+def test_opinfo_samples(op_db, name, ours, theirs, dtype):
     """normext.functional on every sample input of torch's OpInfo entries for the same function:
-    same output, same running-statistics mutation, same grads. torch's own eps rules apply:
-    batch_norm refuses eps <= 0 in training (normext accepts eps = 0) and layer_norm accepts
-    any eps (a sample uses eps=-0.5)."""
+    same output, same running-statistics mutation, same grads, and an exception wherever torch
+    raises one. torch's own eps rules apply, except that normext's batch_norm accepts eps = 0 in
+    training; layer_norm accepts any eps (a sample uses eps=-0.5)."""
     entries = [op for op in op_db if op.name == name]
     assert entries, name
-    theirs = getattr(F, name.split(".")[-1])
     count = 0
     for op in entries:
         for i, sample in enumerate(op.sample_inputs("cpu", dtype, requires_grad=True)):
