@@ -25,6 +25,11 @@ void batch_norm_update_stats_(at::Tensor& running_mean, at::Tensor& running_var,
   for (const at::Tensor* t : {static_cast<const at::Tensor*>(&running_var), &batch_mean, &batch_var})
     TORCH_CHECK(t->device() == running_mean.device(), op, ": all tensors must be on ",
                 running_mean.device(), ", but one is on ", t->device());
+  for (const at::Tensor* t : {static_cast<const at::Tensor*>(&running_mean),
+                              static_cast<const at::Tensor*>(&running_var), &batch_mean, &batch_var})
+    TORCH_CHECK(at::isFloatingType(t->scalar_type()), op,
+                ": running and batch statistics must be floating point, but one has dtype ",
+                t->scalar_type());
   TORCH_CHECK(count >= 0, op, ": count must be non-negative, but got ", count);
   if (count == 0 || C == 0) return;
   const double unbias = count > 1 ? static_cast<double>(count) / static_cast<double>(count - 1) : 1.0;

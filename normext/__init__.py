@@ -1,5 +1,7 @@
 """normext: hand-written CPU and CUDA kernels for BatchNorm and LayerNorm, as drop-in torch.nn modules."""
 
+import torch  # noqa: F401  (loads libc10/libtorch, which normext._C links against)
+
 from . import _C, ops  # noqa: F401  (registers torch.ops.normext.*)
 from . import functional
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, LayerNorm, convert

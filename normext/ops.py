@@ -23,6 +23,18 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check_same_device(op: str, x, x_name: str = "input", **tensors) -> None:
+    """The fake impls' device check. They also serve as the ops' Meta kernels, so a call that mixes
+    a meta tensor with a CPU (or CUDA) one lands here, not in a backend's TORCH_CHECK: without
+    this check it would return meta tensors (or, for the in-place update, do nothing) silently."""
+    for name, t in tensors.items():
+        if t is not None:
+            torch._check(
+                t.device == x.device,
+                lambda name=name, t=t: f"{op}: {name} is on {t.device} but {x_name} is on {x.device}",
+            )
+
+
 # ---- LayerNorm ----------------------------------------------------------------------------------
 
 
@@ -39,6 +51,7 @@ def layer_norm_bwd(dy, x, normalized_ndim: int, mean, rstd, weight, output_mask)
 @torch.library.register_fake("normext::layer_norm_fwd")
 def _layer_norm_fwd_fake(x, normalized_ndim, weight, bias, eps):
     torch._check(1 <= normalized_ndim <= x.dim(), lambda: "normalized_ndim out of range")
+    _check_same_device("normext::layer_norm_fwd", x, weight=weight, bias=bias)
     lead = x.shape[: x.dim() - normalized_ndim]
     acc = _acc_dtype(x.dtype)
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(lead, dtype=acc), x.new_empty(lead, dtype=acc)
@@ -46,6 +59,7 @@ def _layer_norm_fwd_fake(x, normalized_ndim, weight, bias, eps):
 
 @torch.library.register_fake("normext::layer_norm_bwd")
 def _layer_norm_bwd_fake(dy, x, normalized_ndim, mean, rstd, weight, output_mask):
+    _check_same_device("normext::layer_norm_bwd", x, grad_out=dy, mean=mean, rstd=rstd, weight=weight)
     acc = _acc_dtype(x.dtype)
     pshape = x.shape[x.dim() - normalized_ndim :]
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if output_mask[0] else x.new_empty((0,))
@@ -134,6 +148,8 @@ def _bn_like(x):
 @torch.library.register_fake("normext::batch_norm_fwd")
 def _batch_norm_fwd_fake(x, weight, bias, running_mean, running_var, training, eps):
     torch._check(x.dim() >= 2, lambda: "batch_norm expects an input with at least 2 dims")
+    _check_same_device("normext::batch_norm_fwd", x, weight=weight, bias=bias,
+                       running_mean=running_mean, running_var=running_var)
     c = x.shape[1]
     acc = _acc_dtype(x.dtype)
     return (
@@ -146,6 +162,8 @@ def _batch_norm_fwd_fake(x, weight, bias, running_mean, running_var, training, e
 
 @torch.library.register_fake("normext::batch_norm_bwd")
 def _batch_norm_bwd_fake(dy, x, weight, save_mean, save_invstd, training, output_mask):
+    _check_same_device("normext::batch_norm_bwd", x, grad_out=dy, weight=weight,
+                       save_mean=save_mean, save_invstd=save_invstd)
     c = x.shape[1]
     acc = _acc_dtype(x.dtype)
     dx = _bn_like(x) if output_mask[0] else x.new_empty((0,))
@@ -156,6 +174,9 @@ def _batch_norm_bwd_fake(dy, x, weight, save_mean, save_invstd, training, output
 def _batch_norm_update_stats_fake(
     running_mean, running_var, batch_mean, batch_var, momentum, count, num_batches_tracked=None
 ):
+    _check_same_device("normext::batch_norm_update_stats_", running_mean, "running_mean",
+                       running_var=running_var, batch_mean=batch_mean, batch_var=batch_var,
+                       num_batches_tracked=num_batches_tracked)
     return None
 
 
@@ -193,3 +214,24 @@ def _batch_norm_backward(ctx, dy, _dmean, _dinvstd, _dvar):
 torch.library.register_autograd(
     "normext::batch_norm_fwd", _batch_norm_backward, setup_context=_batch_norm_setup_context
 )
+
+
+# ---- double backward ----------------------------------------------------------------------------
+# The backward ops are not differentiable themselves. Without an autograd registration, autograd's
+# fallback treats them as constants and a gradient of a gradient (create_graph=True, e.g. a
+# gradient penalty) comes out silently wrong (zero). Registering a backward that raises turns
+# that into a clear error, raised only when something actually backpropagates through them.
+
+
+def _no_double_backward(op: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"normext::{op}: double backward (the gradient of a gradient through normext's "
+            "backward) is not implemented; use torch.nn's module for this computation"
+        )
+
+    return backward
+
+
+for _op in ("layer_norm_bwd", "batch_norm_bwd"):
+    torch.library.register_autograd(f"normext::{_op}", _no_double_backward(_op))

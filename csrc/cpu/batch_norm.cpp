@@ -95,10 +95,19 @@ struct Tile {
       for (int k = 0; k < kTileVecs; ++k) s[k] += v[k] - x0[k];
     }
     const V inv_n(A(1) / static_cast<A>(n));
+    A mb[kWidth], sb[kWidth], qb[kWidth];
+    bool finite = true;
     for (int k = 0; k < kTileVecs; ++k) {
       m[k] = at::vec::fmadd(s[k], inv_n, x0[k]);  // exactly x0 for a constant column
+      m[k].store(mb + k * V::size());
       s[k] = V(A(0));
       q[k] = V(A(0));
+    }
+    for (int64_t i = 0; i < kWidth; ++i) finite = finite && std::isfinite(mb[i]);
+    if (!finite) {  // an Inf or NaN in some column: its shift is the plain mean (see span_shift)
+      for (int64_t i = 0; i < kWidth; ++i)
+        if (!std::isfinite(mb[i])) mb[i] = plain_mean(x + r0 * C + j + i, n, C);
+      for (int k = 0; k < kTileVecs; ++k) m[k] = V::loadu(mb + k * V::size());
     }
     for (int64_t r = r0; r < r1; ++r) {
       load(x + r * C + j, v);
@@ -108,9 +117,7 @@ struct Tile {
         q[k] = at::vec::fmadd(d, d, q[k]);
       }
     }
-    A mb[kWidth], sb[kWidth], qb[kWidth];
     for (int k = 0; k < kTileVecs; ++k) {
-      m[k].store(mb + k * V::size());
       s[k].store(sb + k * V::size());
       q[k].store(qb + k * V::size());
     }
@@ -122,7 +129,8 @@ struct Tile {
     const A x0 = static_cast<A>(x[r0 * C + j]);
     A s = 0, q = 0;
     for (int64_t r = r0; r < r1; ++r) s += static_cast<A>(x[r * C + j]) - x0;
-    const A m = x0 + s / static_cast<A>(n);
+    A m = x0 + s / static_cast<A>(n);
+    if (!std::isfinite(m)) m = plain_mean(x + r0 * C + j, n, C);
     s = 0;
     for (int64_t r = r0; r < r1; ++r) {
       const A d = static_cast<A>(x[r * C + j]) - m;

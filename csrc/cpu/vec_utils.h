@@ -86,6 +86,12 @@ struct Moments {
       return;
     }
     const double tot = n + o.n, delta = o.mean - mean;
+    if (!std::isfinite(mean) || !std::isfinite(o.mean)) {  // Inf/NaN combine as in a plain sum
+      mean = (n * mean + o.n * o.mean) / tot;
+      m2 += o.m2;  // the non-finite group's M2 is NaN already
+      n = tot;
+      return;
+    }
     mean += delta * (o.n / tot);
     m2 += o.m2 + delta * delta * (n * o.n / tot);
     n = tot;
@@ -99,13 +105,25 @@ inline Moments moments_from(double m, double sd, double sdd, int64_t n) {
   if (n == 0) return r;
   r.n = static_cast<double>(n);
   const double dm = sd / r.n;
-  r.mean = m + dm;
+  // An Inf in the group makes the shift Inf and every d = x - m NaN or -Inf: the mean is then
+  // the shift itself (+-Inf, or NaN for +Inf and -Inf together), as torch's batch statistics
+  // give it; M2 (so the variance) is NaN.
+  r.mean = std::isfinite(m) ? m + dm : m;
   r.m2 = sdd - sd * dm;
   if (r.m2 < 0) r.m2 = 0;
   return r;
 }
 
-// Pass 1 over n > 0 contiguous values: the shift m = x0 + sum(x - x0) / n.
+// sum(x) / n for a group holding an Inf or NaN (the mean torch reports then: +-Inf or NaN).
+template <typename T>
+inline acc_t<T> plain_mean(const T* x, int64_t n, int64_t stride = 1) {
+  acc_t<T> s = 0;
+  for (int64_t i = 0; i < n; ++i) s += static_cast<acc_t<T>>(x[i * stride]);
+  return s / static_cast<acc_t<T>>(n);
+}
+
+// Pass 1 over n > 0 contiguous values: the shift m = x0 + sum(x - x0) / n, or the plain mean
+// if that is not finite (x0 = Inf would make every term NaN).
 template <typename T>
 inline acc_t<T> span_shift(const T* x, int64_t n) {
   using P = VecPair<T>;
@@ -123,7 +141,8 @@ inline acc_t<T> span_shift(const T* x, int64_t n) {
   }
   A s = hsum(s0 + s1);
   for (; i < n; ++i) s += static_cast<A>(x[i]) - x0;
-  return x0 + s / static_cast<A>(n);
+  const A m = x0 + s / static_cast<A>(n);
+  return std::isfinite(m) ? m : plain_mean(x, n);
 }
 
 // Pass 2 over n contiguous values with shift m.

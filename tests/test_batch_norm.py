@@ -1,0 +1,545 @@
+"""normext.functional.batch_norm, the BatchNorm modules' training bookkeeping and the batch_norm
+ops against torch.nn: forward output, input/weight/bias grads and running statistics over shapes,
+dtypes, layouts (strided views, channels_last), affine/track_running_stats/momentum, train and
+eval, plus DESIGN.md's edge cases (eps=0, constant channels, large offsets, empty batches, one
+value per channel, NaN/Inf, saved statistics, determinism). Tolerances: conftest.TOL."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import (
+    DTYPES,
+    HALF,
+    LAYOUTS,
+    REF_ERR_MULT,
+    TOL,
+    check,
+    compare_runs,
+    forward_backward,
+    make_input,
+    prefixed,
+    same_strides,
+)
+from torch import nn
+
+import normext
+import normext.functional as NF
+
+# (N, C, *): 1, primes, non-powers of two; BatchNorm1d's (N, C) and (N, C, L), 2d, 3d.
+SHAPES = [
+    (2, 1),
+    (3, 7),
+    (37, 5),
+    (7, 1023),
+    (5, 3, 1),
+    (1, 13, 37),
+    (2, 5, 199),
+    (2, 3, 1500),
+    (4, 3, 7, 11),
+    (3, 2, 1, 1),
+    (2, 3, 5, 7, 9),
+    (1, 2, 3, 1, 1),
+]
+LARGE = [(16, 64, 32, 32), (4096, 1023), (3, 5, 70001)]
+
+
+def run_bn(
+    shape,
+    dtype,
+    layout="contiguous",
+    *,
+    training=True,
+    affine=True,
+    stats=True,
+    param_dtype=None,
+    momentum=0.1,
+    eps=1e-5,
+    scale=1.0,
+    offset=0.0,
+):
+    """normext vs torch (and a float64 reference, conftest.check) for one configuration: output,
+    grads of input/weight/bias, running statistics after the call. Returns the three runs."""
+    base, view = make_input(shape, dtype, layout, scale=scale, offset=offset)
+    c = shape[1]
+    pdt = param_dtype or dtype
+    w = torch.randn(c, dtype=pdt) if affine else None
+    b = torch.randn(c, dtype=pdt) if affine else None
+    rm = (0.1 * torch.randn(c)).to(pdt) if stats else None
+    rv = (0.5 + torch.rand(c)).to(pdt) if stats else None
+    dy = torch.randn(shape, dtype=dtype)
+
+    def fn(impl):
+        return lambda x, w, b, rm, rv: impl(x, rm, rv, w, b, training, momentum, eps)
+
+    ours = forward_backward(fn(NF.batch_norm), base, view, dy, (w, b), (rm, rv))
+    theirs = forward_backward(fn(F.batch_norm), base, view, dy, (w, b), (rm, rv))
+    ref = None
+    if dtype != torch.float64:
+        ref = forward_backward(
+            fn(F.batch_norm), base, view, dy, (w, b), (rm, rv), dtype=torch.float64
+        )
+    compare_runs(ours, theirs, ref, dtype)
+    assert same_strides(ours[0], theirs[0]), (ours[0].stride(), theirs[0].stride())
+    return ours, theirs, ref
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_shapes(shape, training, dtype):
+    run_bn(shape, dtype, training=training)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", LARGE, ids=str)
+def test_large_shapes(shape, dtype):
+    run_bn(shape, dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_large_channels_last(dtype):
+    run_bn((8, 96, 28, 28), dtype, "channels_last")
+
+
+LAYOUT_CASES = (
+    [((6, 5, 37), layout) for layout in LAYOUTS]
+    + [((37, 5), layout) for layout in LAYOUTS]
+    + [((4, 3, 5, 7), layout) for layout in LAYOUTS + ["channels_last"]]
+    + [
+        ((5, 3, 1, 1), "channels_last"),
+        ((4, 1, 3, 3), "channels_last"),
+        ((3, 70, 2, 3), "channels_last"),
+    ]
+    + [((2, 3, 4, 5, 6), layout) for layout in ["transposed", "sliced", "channels_last_3d"]]
+)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape,layout", LAYOUT_CASES, ids=str)
+def test_layouts(shape, layout, training, dtype):
+    """Any strides in; the output keeps the input's memory format exactly as torch's does."""
+    (y, *_), _, _ = run_bn(shape, dtype, layout, training=training)
+    if layout.startswith("channels_last"):
+        fmt = torch.channels_last if layout == "channels_last" else torch.channels_last_3d
+        assert y.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize(
+    "dtype,param_dtype",
+    [(d, d) for d in DTYPES] + [(torch.bfloat16, torch.float32), (torch.float16, torch.float32)],
+    ids=str,
+)
+@pytest.mark.parametrize(
+    "training,affine,stats",
+    [
+        (True, True, True),
+        (True, False, True),
+        (True, True, False),
+        (True, False, False),
+        (False, True, True),
+        (False, False, True),
+    ],
+    ids=["train-affine-stats", "train-stats", "train-affine", "train", "eval-affine", "eval"],
+)
+def test_affine_and_statistics(training, affine, stats, dtype, param_dtype):
+    """affine=False (no weight/bias), no running statistics (track_running_stats=False), and
+    float32 params/statistics with a bfloat16/float16 input."""
+    run_bn(
+        (5, 4, 3, 6), dtype, training=training, affine=affine, stats=stats, param_dtype=param_dtype
+    )
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_momentum(momentum, dtype):
+    """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance."""
+    run_bn((6, 3, 9), dtype, momentum=momentum)
+
+
+# ---- modules over several training steps, then eval --------------------------------------------
+
+MODULE_CASES = [
+    ("BatchNorm1d", (8, 5)),
+    ("BatchNorm1d", (4, 5, 7)),
+    ("BatchNorm2d", (4, 5, 3, 6)),
+    ("BatchNorm3d", (2, 5, 3, 4, 3)),
+]
+
+
+def run_module_steps(
+    cls_name, shape, dtype=torch.float32, module_dtype=None, layout="contiguous", steps=3, **kwargs
+):
+    """The normext module and torch's, from the same state, through `steps` training steps
+    (forward, backward) and then eval (forward, backward): outputs, grads and every buffer,
+    num_batches_tracked included, after each step."""
+    c = shape[1]
+    theirs = getattr(nn, cls_name)(c, **kwargs).to(module_dtype or dtype)
+    if theirs.weight is not None:  # not the init values, so that weight/bias matter
+        with torch.no_grad():
+            theirs.weight.uniform_(0.5, 1.5)
+            theirs.bias.normal_()
+    ours = getattr(normext, cls_name)(c, **kwargs).to(module_dtype or dtype)
+    ours.load_state_dict(theirs.state_dict())
+    assert type(ours) is not type(theirs)
+    params = lambda m: [m.weight, m.bias] if m.weight is not None else []
+    for step in range(steps + 1):
+        training = step < steps
+        ours.train(training)
+        theirs.train(training)
+        base, view = make_input(shape, dtype, layout, scale=1 + step, offset=step - 1.0)
+        dy = torch.randn(shape, dtype=dtype)
+        for m in (ours, theirs):
+            m.zero_grad()
+        o, t = forward_backward(ours, base, view, dy), forward_backward(theirs, base, view, dy)
+        ref = None
+        if dtype != torch.float64:
+            # theirs' state after its call: its output never depends on what the call changed
+            ref_module = getattr(nn, cls_name)(c, **kwargs).double().train(training)
+            ref_module.load_state_dict(
+                {
+                    k: v.double() if v.is_floating_point() else v
+                    for k, v in theirs.state_dict().items()
+                }
+            )
+            ref = forward_backward(ref_module, base, view, dy, dtype=torch.float64)
+            ref = (ref[0], ref[1], [p.grad for p in params(ref_module)], [])
+        o = (o[0], o[1], [p.grad for p in params(ours)], [])
+        t = (t[0], t[1], [p.grad for p in params(theirs)], [])
+        compare_runs(o, t, ref, dtype)
+        assert same_strides(o[0], t[0])
+        ours_buffers, their_buffers = dict(ours.named_buffers()), dict(theirs.named_buffers())
+        assert ours_buffers.keys() == their_buffers.keys()
+        for name, buf in ours_buffers.items():
+            check(f"step {step}: {name}", buf, their_buffers[name], None, buf.dtype, "fwd")
+    return ours, theirs
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+@pytest.mark.parametrize("track", [True, False], ids=["track", "no-track"])
+@pytest.mark.parametrize("momentum", [0.1, None, 1.0], ids=str)
+@pytest.mark.parametrize("cls_name,shape", MODULE_CASES, ids=str)
+def test_module_training_steps(cls_name, shape, momentum, track, affine):
+    """momentum=None is the cumulative average (factor 1/num_batches_tracked);
+    num_batches_tracked counts training calls; track_running_stats=False uses batch statistics in
+    eval too."""
+    run_module_steps(cls_name, shape, momentum=momentum, track_running_stats=track, affine=affine)
+
+
+@pytest.mark.parametrize(
+    "dtype,module_dtype",
+    [
+        (torch.float64, None),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float32),
+        (torch.bfloat16, None),
+        (torch.float16, None),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_module_dtypes(dtype, module_dtype, momentum):
+    """Modules in float64, in bfloat16/float16, and float32 modules fed bfloat16/float16 inputs
+    (autocast-style mixed precision: running statistics stay float32)."""
+    run_module_steps("BatchNorm2d", (4, 5, 3, 6), dtype, module_dtype, momentum=momentum)
+
+
+@pytest.mark.parametrize(
+    "cls_name,shape,layout",
+    [
+        ("BatchNorm2d", (4, 5, 3, 6), "channels_last"),
+        ("BatchNorm3d", (2, 5, 3, 4, 3), "channels_last_3d"),
+        ("BatchNorm1d", (6, 5, 11), "transposed"),
+    ],
+)
+def test_module_layouts(cls_name, shape, layout):
+    run_module_steps(cls_name, shape, layout=layout)
+
+
+# ---- DESIGN.md's edge cases --------------------------------------------------------------------
+
+
+def test_eps_zero_accepted_in_training():
+    """normext accepts eps=0 in training (torch refuses it). BatchNorm1d(4, eps=0, momentum=1)
+    on arange(60).reshape(3, 4, 5): channel c holds 20 n + 5 c + l (n < 3, l < 5), so its running
+    variance is the unbiased variance of those 15 values, 287.857142..., and the output divides
+    by the biased one exactly."""
+    m = normext.BatchNorm1d(4, eps=0.0, momentum=1.0, affine=False).double()
+    x = torch.arange(60.0, dtype=torch.float64).reshape(3, 4, 5)
+    y = m(x)
+    values = [[20 * n + 5 * c + l for n in range(3) for l in range(5)] for c in range(4)]
+    expected_var = torch.tensor([statistics.variance(v) for v in values], dtype=torch.float64)
+    torch.testing.assert_close(expected_var, torch.full((4,), 287.857142857, dtype=torch.float64))
+    torch.testing.assert_close(m.running_var, expected_var, atol=0, rtol=1e-12)
+    torch.testing.assert_close(
+        m.running_mean,
+        torch.tensor([statistics.mean(v) for v in values], dtype=torch.float64),
+        atol=0,
+        rtol=1e-12,
+    )
+    expected_y = torch.tensor(
+        [
+            [
+                [
+                    (20 * n + 5 * c + l - statistics.mean(values[c])) / statistics.pstdev(values[c])
+                    for l in range(5)
+                ]
+                for c in range(4)
+            ]
+            for n in range(3)
+        ],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(y, expected_y, atol=1e-12, rtol=1e-12)
+    # float32, with the default affine parameters, gives the same within float32 rounding
+    m32 = normext.BatchNorm1d(4, eps=0.0, momentum=1.0)
+    y32 = m32(x.float())
+    torch.testing.assert_close(m32.running_var, torch.full((4,), 287.8571, dtype=torch.float32))
+    torch.testing.assert_close(y32, expected_y.float())
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("eps", [-1e-5, -1.0])
+def test_negative_eps_raises(eps, training):
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="eps must be non-negative"):
+        NF.batch_norm(x, torch.zeros(3), torch.ones(3), training=training, eps=eps)
+    m = normext.BatchNorm1d(3, eps=eps).train(training)
+    with pytest.raises(ValueError, match="eps must be non-negative"):
+        m(x)
+    with pytest.raises(RuntimeError, match="eps must be non-negative"):
+        torch.ops.normext.batch_norm_fwd(
+            x, None, None, torch.zeros(3), torch.ones(3), training, eps
+        )
+
+
+CONSTANT_CASES = [
+    ((6, 3), "contiguous"),
+    ((4, 3, 37), "contiguous"),
+    ((3, 2, 1030), "contiguous"),
+    ((4, 5, 3, 3), "channels_last"),
+    ((1, 4, 2, 2, 3), "channels_last_3d"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("value", [0.1, -3.7, 1e4, 0.0])
+@pytest.mark.parametrize("shape,layout", CONSTANT_CASES, ids=str)
+def test_constant_channel_is_exactly_zero(shape, layout, value, dtype):
+    """A constant channel normalizes to exactly 0 (with eps > 0), never NaN; its grads are finite."""
+    base, view = make_input(shape, dtype, layout)
+    with torch.no_grad():
+        base[:, 1] = value
+    y = NF.batch_norm(view(base), None, None, training=True)
+    torch.testing.assert_close(y[:, 1], torch.zeros_like(y[:, 1]), atol=0, rtol=0)
+    b = torch.randn(shape[1], dtype=dtype)
+    x = view(base).detach().requires_grad_(True)
+    w = torch.randn(shape[1], dtype=dtype, requires_grad=True)
+    y = NF.batch_norm(x, None, None, w, b, training=True)
+    torch.testing.assert_close(y[:, 1], b[1].expand_as(y[:, 1]), atol=0, rtol=0)
+    y.backward(torch.randn_like(y))
+    assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
+
+
+@pytest.mark.parametrize(
+    "shape,layout",
+    [((8, 3, 37), "contiguous"), ((4, 3, 5, 7), "channels_last"), ((4099, 3), "contiguous")],
+    ids=str,
+)
+def test_large_offset_is_stable(shape, layout):
+    """float32 channels with mean 1e4 and std 1e-2: statistics must not cancel (no E[x^2] -
+    E[x]^2). Against a float64 reference from the same float32 inputs: invstd and the running
+    variance to 1e-3 relative; the output to what rounding the mean to float32 costs."""
+    base, view = make_input(shape, torch.float32, layout, scale=1e-2, offset=1e4)
+    x = view(base)
+    y, mean, invstd, var = torch.ops.normext.batch_norm_fwd(x, None, None, None, None, True, 1e-5)
+    x64 = x.double()
+    dims = [0, *range(2, x.dim())]
+    ref_var = x64.var(dim=dims, unbiased=False)
+    torch.testing.assert_close(invstd.double(), (ref_var + 1e-5).rsqrt(), rtol=1e-3, atol=0)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-3, atol=0)
+    torch.testing.assert_close(mean.double(), x64.mean(dim=dims), rtol=0, atol=1e-3)
+    rm, rv = torch.zeros(shape[1]), torch.ones(shape[1])
+    NF.batch_norm(x, rm, rv, training=True, momentum=1.0)
+    torch.testing.assert_close(rv.double(), x64.var(dim=dims, unbiased=True), rtol=1e-3, atol=0)
+    ref = F.batch_norm(x64, None, None, training=True, eps=1e-5)
+    bound = 0.5 * torch.finfo(torch.float32).eps * 1e4 * invstd.max().item() + 1e-4
+    torch.testing.assert_close(y.double(), ref, atol=bound, rtol=0)
+    torch_err = (F.batch_norm(x, None, None, training=True).double() - ref).abs().max().item()
+    assert (y.double() - ref).abs().max().item() <= REF_ERR_MULT * torch_err + 1e-4
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4), (2, 3, 0), (0, 2, 3, 4)], ids=str)
+def test_empty_batch(shape, training, dtype):
+    """An empty batch gives an empty output and zero weight/bias grads, and leaves the running
+    statistics unchanged, as in torch."""
+    (_, _, _, (_rm, _rv)), _, _ = run_bn(shape, dtype, training=training)
+
+
+@pytest.mark.parametrize("cls_name,shape", [("BatchNorm1d", (0, 3)), ("BatchNorm2d", (0, 3, 2, 2))])
+def test_empty_batch_module(cls_name, shape):
+    """num_batches_tracked still counts an empty training batch, as torch's does."""
+    ours, theirs = getattr(normext, cls_name)(3), getattr(nn, cls_name)(3)
+    inputs = [torch.randn(shape), torch.randn(2, *shape[1:]), torch.randn(shape)]
+    for m in (ours, theirs):
+        for x in inputs:
+            torch.testing.assert_close(m(x).shape, x.shape)
+    for (name, a), (_, e) in zip(ours.named_buffers(), theirs.named_buffers()):
+        check(name, a, e, None, a.dtype, "fwd")
+    assert ours.num_batches_tracked.item() == 3
+
+
+@pytest.mark.parametrize("shape", [(1, 4), (1, 4, 1), (1, 4, 1, 1), (1, 4, 1, 1, 1)], ids=str)
+def test_one_value_per_channel_in_training(shape):
+    """More than one value per channel is required in training, with torch's message; eval is fine."""
+    x = torch.randn(shape)
+    cls = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}[len(shape)]
+    msg = "Expected more than 1 value per channel when training"
+    with pytest.raises(ValueError, match=msg):
+        getattr(nn, cls)(4)(x)  # torch's own behaviour, which we copy
+    with pytest.raises(ValueError, match=msg):
+        getattr(normext, cls)(4)(x)
+    with pytest.raises(ValueError, match=msg):
+        NF.batch_norm(x, None, None, training=True)
+    ours, theirs = getattr(normext, cls)(4).eval(), getattr(nn, cls)(4).eval()
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_nonfinite_propagates(layout, training, bad, dtype):
+    """NaN/Inf in one channel: outputs and running statistics are what torch gives (NaN where
+    torch has NaN); other channels are untouched."""
+    base, view = make_input((4, 3, 5, 7), dtype, layout)
+    with torch.no_grad():
+        base[2, 1, 3, 4] = bad
+    x = view(base).detach()
+    w, b = torch.randn(3, dtype=dtype), torch.randn(3, dtype=dtype)
+    stats = [(0.1 * torch.randn(3)).to(dtype), (0.5 + torch.rand(3)).to(dtype)]
+    ours_stats, their_stats = [s.clone() for s in stats], [s.clone() for s in stats]
+    y = NF.batch_norm(x, *ours_stats, w, b, training)
+    expected = F.batch_norm(x, *their_stats, w, b, training)
+    torch.testing.assert_close(torch.isnan(y), torch.isnan(expected))
+    torch.testing.assert_close(torch.isinf(y), torch.isinf(expected))
+    for name, a, e in zip(["running_mean", "running_var"], ours_stats, their_stats):
+        check(name, a, e, None, dtype, "fwd")
+    if training:  # the batch statistics themselves: Inf gives an Inf mean and a NaN variance
+        _, mean, invstd, _ = torch.ops.normext.batch_norm_fwd(x, w, b, None, None, True, 1e-5)
+        _, tmean, tinvstd = torch.native_batch_norm(x, w, b, None, None, True, 0.1, 1e-5)
+        check("save_mean", mean, tmean.to(mean.dtype), None, dtype, "fwd")
+        check("save_invstd", invstd, tinvstd.to(invstd.dtype), None, dtype, "fwd")
+    ref = F.batch_norm(x.double(), *[s.double() for s in stats], w.double(), b.double(), training)
+    check("finite channels", y[:, [0, 2]], expected[:, [0, 2]], ref[:, [0, 2]], dtype, "fwd")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_saved_statistics(layout, dtype):
+    """batch_norm_fwd's save_mean/save_invstd/batch_var are (C,) and float32 for half inputs
+    (float64 for float64); batch_var is empty in eval; batch_norm_bwd's weight/bias grads are
+    (C,) in that dtype, or empty when not asked for."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    base, view = make_input((4, 3, 5, 7), dtype, layout)
+    x = view(base)
+    w = torch.randn(3, dtype=dtype)
+    y, mean, invstd, var = torch.ops.normext.batch_norm_fwd(x, w, None, None, None, True, 1e-5)
+    assert y.dtype == dtype and y.shape == x.shape
+    for t in (mean, invstd, var):
+        assert t.dtype == acc and t.shape == (3,)
+    xa = x.to(acc)
+    torch.testing.assert_close(mean, xa.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(var, xa.var(dim=(0, 2, 3), unbiased=False), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(invstd, (var + 1e-5).rsqrt(), atol=1e-5, rtol=1e-5)
+    dy = torch.randn_like(x)
+    dx, dw, db = torch.ops.normext.batch_norm_bwd(dy, x, w, mean, invstd, True, [True, True, True])
+    assert dx.dtype == dtype and dx.shape == x.shape
+    assert dw.dtype == acc and dw.shape == (3,) and db.dtype == acc and db.shape == (3,)
+    _, dw0, db0 = torch.ops.normext.batch_norm_bwd(
+        dy, x, w, mean, invstd, True, [True, False, False]
+    )
+    assert dw0.numel() == 0 and db0.numel() == 0
+    rm, rv = torch.zeros(3, dtype=acc), torch.ones(3, dtype=acc)
+    _, emean, einvstd, evar = torch.ops.normext.batch_norm_fwd(x, w, None, rm, rv, False, 1e-5)
+    assert emean.dtype == acc and einvstd.dtype == acc and evar.dtype == acc
+    assert emean.shape == (3,) and einvstd.shape == (3,) and evar.shape == (0,)
+    torch.testing.assert_close(einvstd, torch.full((3,), (1 + 1e-5) ** -0.5, dtype=acc))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("count", [0, 1, 2, 7])
+@pytest.mark.parametrize("momentum", [0.1, 1.0, 0.0])
+def test_update_stats_op(momentum, count, dtype):
+    """batch_norm_update_stats_: running = (1 - m) running + m batch, the variance made unbiased
+    by count / (count - 1); nothing changes for count == 0; the buffers keep their dtype."""
+    rm, rv = torch.randn(5).to(dtype), torch.rand(5).to(dtype)
+    bm, bv = torch.randn(5), torch.rand(5)
+    if dtype == torch.float64:
+        bm, bv = bm.double(), bv.double()
+    nm, nv = rm.clone(), rv.clone()
+    torch.ops.normext.batch_norm_update_stats_(nm, nv, bm, bv, momentum, count)
+    assert nm.dtype == dtype and nv.dtype == dtype
+    if count == 0:
+        torch.testing.assert_close(nm, rm, atol=0, rtol=0)
+        torch.testing.assert_close(nv, rv, atol=0, rtol=0)
+        return
+    unbias = count / (count - 1) if count > 1 else 1.0
+    em = (1 - momentum) * rm.double() + momentum * bm.double()
+    ev = (1 - momentum) * rv.double() + momentum * bv.double() * unbias
+    tol = TOL[torch.float64 if dtype == torch.float64 else torch.float32]["fwd"]
+    if dtype == torch.bfloat16:
+        tol = {"atol": 1e-2, "rtol": 1e-2}
+    torch.testing.assert_close(nm, em.to(dtype), **tol)
+    torch.testing.assert_close(nv, ev.to(dtype), **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "shape,layout",
+    [
+        ((64, 33, 129), "contiguous"),
+        ((4096, 37), "contiguous"),
+        ((16, 70, 9, 11), "channels_last"),
+        ((2, 3, 70001), "contiguous"),
+    ],
+    ids=str,
+)
+def test_deterministic(shape, layout, dtype):
+    """Two runs give bitwise-equal outputs, grads and running statistics, whatever the number of
+    threads."""
+    base, view = make_input(shape, dtype, layout)
+    c = shape[1]
+    w, b = torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype)
+    stats = (torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype))
+    dy = torch.randn(shape, dtype=dtype)
+    fn = lambda x, w, b, rm, rv: NF.batch_norm(x, rm, rv, w, b, True)
+    first = forward_backward(fn, base, view, dy, (w, b), stats)
+    flat = lambda r: [r[0], r[1], *r[2], *r[3]]
+    threads = torch.get_num_threads()
+    try:
+        for t in {1, max(2, threads)}:
+            torch.set_num_threads(t)
+            again = forward_backward(fn, base, view, dy, (w, b), stats)
+            for a, e in zip(flat(first), flat(again)):
+                torch.testing.assert_close(a, e, atol=0, rtol=0, msg=prefixed(f"{t} threads"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_half_reference_is_meaningful():
+    """The half-dtype tolerance is anchored on torch's own error: make sure that error is real
+    (nonzero) and that a deliberately perturbed result fails the check."""
+    (y, *_), (ty, *_), (ry, *_) = run_bn((8, 3, 37), torch.bfloat16)
+    assert (ty.double() - ry).abs().max() > 0
+    with pytest.raises(AssertionError):
+        check("perturbed", y + 0.1, ty, ry, torch.bfloat16, "fwd")
+    assert HALF == (torch.bfloat16, torch.float16)

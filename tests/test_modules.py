@@ -1,0 +1,260 @@
+"""The drop-in modules: same constructor arguments, parameters, buffers, state_dict, repr and
+isinstance as torch.nn; LayerNorm module parity; normext.convert on a small conv net."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from conftest import DTYPES, compare_runs, forward_backward, make_input, prefixed
+from torch import nn
+
+import normext
+
+BN_CLASSES = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+BN_INPUT = {"BatchNorm1d": (6, 4, 5), "BatchNorm2d": (3, 4, 5, 2), "BatchNorm3d": (2, 4, 3, 2, 3)}
+
+BN_KWARGS = [
+    {},
+    {"eps": 1e-3, "momentum": None},
+    {"momentum": 1.0, "affine": False},
+    {"track_running_stats": False},
+    {"affine": False, "track_running_stats": False},
+    {"dtype": torch.float64},
+    {"device": "meta"},
+]
+LN_ARGS = [
+    ((7,), {}),
+    ([3, 5], {"eps": 1e-3}),
+    ((2, 3, 4), {"elementwise_affine": False}),
+    (5, {"bias": False}),
+    ((5,), {"dtype": torch.bfloat16}),
+    ((5,), {"device": "meta"}),
+]
+
+
+def assert_same_state(ours: nn.Module, theirs: nn.Module, *, values: bool = True) -> None:
+    """Same parameter and buffer names, shapes, dtypes, devices, requires_grad (and values)."""
+    for kind in ("named_parameters", "named_buffers"):
+        a, e = dict(getattr(ours, kind)()), dict(getattr(theirs, kind)())
+        assert a.keys() == e.keys(), kind
+        for name, t in a.items():
+            assert t.shape == e[name].shape, name
+            assert t.dtype == e[name].dtype, name
+            assert t.device == e[name].device, name
+            assert t.requires_grad == e[name].requires_grad, name
+            if values and t.device.type != "meta":
+                torch.testing.assert_close(t, e[name], atol=0, rtol=0, msg=prefixed(name))
+
+
+@pytest.mark.parametrize("kwargs", BN_KWARGS, ids=str)
+@pytest.mark.parametrize("cls_name", BN_CLASSES)
+def test_batch_norm_constructor(cls_name, kwargs):
+    ours, theirs = getattr(normext, cls_name)(4, **kwargs), getattr(nn, cls_name)(4, **kwargs)
+    assert isinstance(ours, getattr(nn, cls_name)) and isinstance(
+        ours, nn.modules.batchnorm._BatchNorm
+    )
+    assert type(ours).__name__ == cls_name
+    assert repr(ours) == repr(theirs)
+    assert_same_state(ours, theirs)
+    for attr in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
+        assert getattr(ours, attr) == getattr(theirs, attr), attr
+
+
+@pytest.mark.parametrize("args,kwargs", LN_ARGS, ids=str)
+def test_layer_norm_constructor(args, kwargs):
+    ours, theirs = normext.LayerNorm(args, **kwargs), nn.LayerNorm(args, **kwargs)
+    assert isinstance(ours, nn.LayerNorm)
+    assert repr(ours) == repr(theirs)
+    assert_same_state(ours, theirs)
+    for attr in ("normalized_shape", "eps", "elementwise_affine"):
+        assert getattr(ours, attr) == getattr(theirs, attr), attr
+    if kwargs.get("bias") is False:
+        assert ours.bias is None and ours.weight is not None
+
+
+@pytest.mark.parametrize("direction", ["torch->normext", "normext->torch"])
+@pytest.mark.parametrize("cls_name", BN_CLASSES)
+def test_batch_norm_state_dict_interchangeable(cls_name, direction):
+    """A state_dict trained in one loads into the other (strict), and both then agree in eval."""
+    src_cls, dst_cls = getattr(nn, cls_name), getattr(normext, cls_name)
+    if direction == "normext->torch":
+        src_cls, dst_cls = dst_cls, src_cls
+    src = src_cls(4, momentum=None)
+    with torch.no_grad():
+        src.weight.uniform_(0.5, 1.5)
+        src.bias.normal_()
+    for _ in range(3):
+        src(torch.randn(BN_INPUT[cls_name]) * 2 + 1)
+    dst = dst_cls(4, momentum=None)
+    dst.load_state_dict(src.state_dict(), strict=True)
+    assert_same_state(dst, src)
+    assert dst.num_batches_tracked.item() == 3
+    x = torch.randn(BN_INPUT[cls_name])
+    torch.testing.assert_close(dst.eval()(x), src.eval()(x))
+    # and a checkpoint written with torch.save
+    buf = io.BytesIO()
+    torch.save(src.state_dict(), buf)
+    buf.seek(0)
+    dst2 = dst_cls(4, momentum=None)
+    dst2.load_state_dict(torch.load(buf, weights_only=True))
+    assert_same_state(dst2, src)
+
+
+def test_batch_norm_old_state_dict_without_num_batches_tracked():
+    """torch's own version handling (inherited): an old checkpoint without num_batches_tracked."""
+    sd = nn.BatchNorm2d(4).state_dict()
+    del sd["num_batches_tracked"]
+    m = normext.BatchNorm2d(4)
+    m._load_from_state_dict(sd, "", {"version": 1}, True, [], [], [])
+    assert m.num_batches_tracked.item() == 0
+
+
+@pytest.mark.parametrize("direction", ["torch->normext", "normext->torch"])
+@pytest.mark.parametrize("args,kwargs", LN_ARGS[:4], ids=str)
+def test_layer_norm_state_dict_interchangeable(args, kwargs, direction):
+    src_cls, dst_cls = nn.LayerNorm, normext.LayerNorm
+    if direction == "normext->torch":
+        src_cls, dst_cls = dst_cls, src_cls
+    src = src_cls(args, **kwargs)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.normal_()
+    dst = dst_cls(args, **kwargs)
+    dst.load_state_dict(src.state_dict(), strict=True)
+    assert_same_state(dst, src)
+    x = torch.randn(3, *src.normalized_shape)
+    torch.testing.assert_close(dst(x), src(x))
+
+
+def test_reset_and_deepcopy():
+    m = normext.BatchNorm2d(4)
+    m(torch.randn(3, 4, 2, 2) + 5)
+    c = copy.deepcopy(m)
+    assert type(c) is normext.BatchNorm2d
+    assert_same_state(c, m)
+    m.reset_running_stats()
+    assert_same_state(m, nn.BatchNorm2d(4))
+    ln = normext.LayerNorm(5)
+    with torch.no_grad():
+        ln.weight.normal_()
+    ln.reset_parameters()
+    assert_same_state(ln, nn.LayerNorm(5))
+
+
+@pytest.mark.parametrize(
+    "dtype,module_dtype",
+    [(d, None) for d in DTYPES] + [(torch.bfloat16, torch.float32), (torch.float16, torch.float32)],
+    ids=str,
+)
+@pytest.mark.parametrize("args,kwargs", LN_ARGS[:4], ids=str)
+def test_layer_norm_module(args, kwargs, dtype, module_dtype):
+    """normext.LayerNorm against nn.LayerNorm: output and all grads (float32 modules with half
+    inputs included: their grads stay float32)."""
+    theirs = nn.LayerNorm(args, **kwargs).to(module_dtype or dtype)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_()
+    ours = normext.LayerNorm(args, **kwargs).to(module_dtype or dtype)
+    ours.load_state_dict(theirs.state_dict())
+    shape = (4, 3, *theirs.normalized_shape)
+    base, view = make_input(shape, dtype)
+    dy = torch.randn(shape, dtype=dtype)
+
+    def run(m, dt=None):
+        y, gx, _, _ = forward_backward(m, base, view, dy, dtype=dt)
+        grads = [p.grad for p in (m.weight, m.bias) if p is not None]
+        return y, gx, grads, []
+
+    ref = None
+    if dtype != torch.float64:
+        ref_module = copy.deepcopy(theirs).double()
+        ref = run(ref_module, torch.float64)
+    compare_runs(run(ours), run(theirs), ref, dtype)
+
+
+# ---- convert --------------------------------------------------------------------------------
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 4 * 4, 16)
+        self.bn1 = nn.BatchNorm1d(16, momentum=None)
+        self.ln = nn.LayerNorm(16)
+        self.head = nn.Sequential(nn.Linear(16, 5), nn.LayerNorm(5, bias=False))
+
+    def forward(self, x):
+        x = torch.relu(self.bn2(self.conv(x)))
+        x = torch.relu(self.bn1(self.fc(x.flatten(1))))
+        return self.head(self.ln(x))
+
+
+class MyBatchNorm(nn.BatchNorm2d):
+    """A user subclass: convert must leave it alone (it swaps exact types only)."""
+
+
+def test_convert_conv_net():
+    ref = Net()
+    model = copy.deepcopy(ref)
+    model.bn1.eval()  # a submodule's own train/eval state must survive convert
+    ref.bn1.eval()
+    identity = {name: id(m) for name, m in model.named_modules()}
+    params = {name: p for name, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1)
+    hook_calls = []
+    model.ln.register_forward_hook(lambda m, i, o: hook_calls.append(o.shape))
+
+    assert normext.convert(model) is model
+    assert type(model.bn2) is normext.BatchNorm2d
+    assert type(model.bn1) is normext.BatchNorm1d
+    assert type(model.ln) is normext.LayerNorm
+    assert type(model.head[1]) is normext.LayerNorm
+    assert type(model.conv) is nn.Conv2d and type(model.fc) is nn.Linear
+    assert {name: id(m) for name, m in model.named_modules()} == identity
+    assert all(p is params[name] for name, p in model.named_parameters())
+    assert model.training and model.bn2.training and not model.bn1.training
+    assert_same_state(model, ref)
+    assert repr(model) == repr(ref)
+
+    for step in range(3):
+        x = torch.randn(6, 3, 4, 4)
+        for m, o in ((model, opt), (ref, opt_ref)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+        torch.testing.assert_close(model(x), ref(x))
+        for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+            torch.testing.assert_close(
+                p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=prefixed(f"{name}")
+            )
+        opt.step()
+        opt_ref.step()
+    assert len(hook_calls) == 6
+    for (name, b), (_, c) in zip(model.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(b, c, atol=1e-5, rtol=1e-4, msg=prefixed(f"{name}"))
+    model.eval()
+    ref.eval()
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-4)
+
+
+def test_convert_leaves_subclasses_and_others_alone():
+    model = nn.Sequential(
+        MyBatchNorm(3), nn.SyncBatchNorm(3), nn.GroupNorm(1, 3), nn.BatchNorm2d(3)
+    )
+    normext.convert(model)
+    assert type(model[0]) is MyBatchNorm
+    assert type(model[1]) is nn.SyncBatchNorm
+    assert type(model[2]) is nn.GroupNorm
+    assert type(model[3]) is normext.BatchNorm2d
+    # converting twice is harmless
+    normext.convert(model)
+    assert type(model[3]) is normext.BatchNorm2d
+    # a bare module can be converted too
+    bn = normext.convert(nn.BatchNorm1d(3))
+    assert type(bn) is normext.BatchNorm1d

@@ -1,0 +1,412 @@
+"""The ops' registrations: torch.library.opcheck on every op (schema, fake impl, autograd
+registration, AOT dispatch), float64 gradcheck through normext.functional, torch.compile with
+fullgraph=True matching eager, and torch's own OpInfo sample inputs for batch_norm/layer_norm."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TOL, prefixed
+
+import normext
+import normext.functional as NF
+
+ops = torch.ops.normext
+
+
+# ---- opcheck --------------------------------------------------------------------------------
+
+
+def _ln_fwd_samples():
+    cl = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    return [
+        (
+            torch.randn(3, 5, 7, requires_grad=True),
+            1,
+            torch.randn(7, requires_grad=True),
+            torch.randn(7, requires_grad=True),
+            1e-5,
+        ),
+        (
+            torch.randn(4, 3, 5, dtype=torch.bfloat16, requires_grad=True),
+            2,
+            torch.randn(3, 5, requires_grad=True),
+            None,
+            1e-5,
+        ),
+        (torch.randn(6, 37, dtype=torch.float16, requires_grad=True), 1, None, None, 1e-3),
+        (cl.requires_grad_(True), 2, None, torch.randn(4, 5, requires_grad=True), 1e-5),
+        (
+            torch.randn(8, 3, dtype=torch.float64)[::2],
+            1,
+            torch.randn(3, dtype=torch.float64),
+            None,
+            0.0,
+        ),
+        (torch.randn(0, 4), 1, torch.randn(4), torch.randn(4), 1e-5),
+    ]
+
+
+def _ln_bwd_samples():
+    out = []
+    for x, k, w, b, eps in _ln_fwd_samples():
+        x = x.detach()
+        w = None if w is None else w.detach()
+        _, mean, rstd = ops.layer_norm_fwd(x, k, w, b.detach() if b is not None else None, eps)
+        for mask in ([True, w is not None, True], [False, True, False], [True, False, False]):
+            out.append((torch.randn_like(x), x, k, mean, rstd, w, mask))
+    return out[::2]
+
+
+def _bn_fwd_samples():
+    cl = torch.randn(4, 3, 5, 6).contiguous(memory_format=torch.channels_last)
+    cl3 = torch.randn(2, 3, 4, 2, 3, dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last_3d
+    )
+    rg = lambda t: t.requires_grad_(True)
+    return [
+        (rg(torch.randn(6, 4, 9)), rg(torch.randn(4)), rg(torch.randn(4)), None, None, True, 1e-5),
+        (
+            rg(torch.randn(6, 4, 9)),
+            rg(torch.randn(4)),
+            rg(torch.randn(4)),
+            torch.zeros(4),
+            torch.ones(4),
+            False,
+            1e-5,
+        ),
+        (rg(cl), rg(torch.randn(3)), None, None, None, True, 1e-5),
+        (
+            rg(cl3),
+            rg(torch.randn(3)),
+            rg(torch.randn(3)),
+            torch.zeros(3),
+            torch.ones(3),
+            False,
+            1e-3,
+        ),
+        (rg(torch.randn(7, 5, dtype=torch.float16)), None, None, None, None, True, 0.0),
+        (
+            torch.randn(10, 3, 4, dtype=torch.float64).transpose(0, 2),
+            None,
+            None,
+            None,
+            None,
+            True,
+            1e-5,
+        ),
+        (torch.randn(0, 3, 2), torch.randn(3), torch.randn(3), None, None, True, 1e-5),
+    ]
+
+
+def _bn_bwd_samples():
+    out = []
+    for x, w, b, rm, rv, training, eps in _bn_fwd_samples():
+        x = x.detach()
+        w = None if w is None else w.detach()
+        _, mean, invstd, _ = ops.batch_norm_fwd(x, w, None, rm, rv, training, eps)
+        for mask in ([True, w is not None, True], [False, True, True], [True, False, False]):
+            out.append((torch.randn_like(x), x, w, mean, invstd, training, mask))
+    return out[::2]
+
+
+def _update_samples():
+    return [
+        (torch.zeros(4), torch.ones(4), torch.randn(4), torch.rand(4), 0.1, 8),
+        (
+            torch.zeros(3, dtype=torch.float64),
+            torch.ones(3, dtype=torch.float64),
+            torch.randn(3, dtype=torch.float64),
+            torch.rand(3, dtype=torch.float64),
+            1.0,
+            2,
+        ),
+        (
+            torch.zeros(5, dtype=torch.bfloat16),
+            torch.ones(5, dtype=torch.bfloat16),
+            torch.randn(5),
+            torch.rand(5),
+            0.5,
+            1,
+        ),
+        (torch.zeros(2), torch.ones(2), torch.randn(2), torch.rand(2), 0.1, 0),
+    ]
+
+
+OPCHECK_CASES = [
+    ("layer_norm_fwd", _ln_fwd_samples),
+    ("layer_norm_bwd", _ln_bwd_samples),
+    ("batch_norm_fwd", _bn_fwd_samples),
+    ("batch_norm_bwd", _bn_bwd_samples),
+    ("batch_norm_update_stats_", _update_samples),
+]
+
+
+@pytest.mark.parametrize("op_name,samples", OPCHECK_CASES, ids=[c[0] for c in OPCHECK_CASES])
+def test_opcheck(op_name, samples):
+    op = getattr(ops, op_name).default
+    for i, args in enumerate(samples()):
+        try:
+            torch.library.opcheck(op, args)
+        except Exception as e:
+            raise AssertionError(f"{op_name} sample {i}: {e}") from e
+
+
+def test_all_ops_are_checked():
+    """Every op in the normext namespace has opcheck samples."""
+    assert {name for name, _ in OPCHECK_CASES} == {
+        name
+        for name in dir(ops)
+        if not name.startswith("_")
+        and name not in ("name", "__file__")
+        and isinstance(getattr(ops, name), torch._ops.OpOverloadPacket)
+    }
+
+
+# ---- gradcheck --------------------------------------------------------------------------------
+
+f64 = {"dtype": torch.float64}
+
+
+@pytest.mark.parametrize("affine", ["both", "weight", "none"])
+@pytest.mark.parametrize("normalized_shape", [(5,), (3, 5), (2, 3, 5)], ids=str)
+def test_gradcheck_layer_norm(normalized_shape, affine):
+    x = torch.randn(4, 2, 3, 5, **f64, requires_grad=True)
+    w = torch.randn(normalized_shape, **f64, requires_grad=True) if affine != "none" else None
+    b = torch.randn(normalized_shape, **f64, requires_grad=True) if affine == "both" else None
+    params = [t for t in (w, b) if t is not None]
+
+    def fn(x, *ps):
+        it = iter(ps)
+        return NF.layer_norm(
+            x,
+            normalized_shape,
+            next(it) if w is not None else None,
+            next(it) if b is not None else None,
+            eps=1e-5,
+        )
+
+    assert torch.autograd.gradcheck(fn, (x, *params))
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+@pytest.mark.parametrize("mode", ["train", "train-stats", "eval"])
+@pytest.mark.parametrize(
+    "shape,layout",
+    [((6, 3), "contiguous"), ((4, 3, 5), "contiguous"), ((3, 2, 3, 4), "channels_last")],
+    ids=str,
+)
+def test_gradcheck_batch_norm(shape, layout, mode, affine):
+    x = torch.randn(shape, **f64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    c = shape[1]
+    rm, rv = 0.1 * torch.randn(c, **f64), 0.5 + torch.rand(c, **f64)
+    params = [torch.randn(c, **f64, requires_grad=True) for _ in range(2)] if affine else []
+
+    def fn(x, *ps):
+        w, b = ps if ps else (None, None)
+        if mode == "train":
+            return NF.batch_norm(x, None, None, w, b, training=True)
+        if mode == "train-stats":  # the running statistics are updated, the output must not care
+            return NF.batch_norm(x, rm.clone(), rv.clone(), w, b, training=True)
+        return NF.batch_norm(x, rm, rv, w, b, training=False)
+
+    assert torch.autograd.gradcheck(fn, (x, *params))
+
+
+@pytest.mark.parametrize("fn", ["layer_norm", "batch_norm"])
+def test_double_backward_raises(fn):
+    """The backward ops are not differentiable: a gradient of a gradient must raise, not come out
+    silently zero (torch's autograd fallback for an op without autograd); the first-order
+    gradient taken with create_graph=True is still right."""
+    x = torch.randn(5, 3, 4, **f64)
+    w = torch.randn(4 if fn == "layer_norm" else 3, **f64)
+
+    def call(lib, x, w):
+        if fn == "layer_norm":
+            return lib.layer_norm(x, (4,), w)
+        return lib.batch_norm(x, None, None, w, None, training=True)
+
+    grads = []
+    for lib in (F, NF):
+        xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(call(lib, xr, wr).pow(3).sum(), xr, create_graph=True)
+        grads.append((xr, wr, g))
+    torch.testing.assert_close(grads[1][2], grads[0][2], **TOL[torch.float64]["bwd"])
+    grads[0][2].pow(2).sum().backward()  # torch: fine, and not zero
+    assert grads[0][0].grad.abs().max() > 0
+    with pytest.raises(
+        RuntimeError, match=rf"normext::{fn}_bwd: double backward .* not implemented"
+    ):
+        grads[1][2].pow(2).sum().backward()
+
+
+# ---- torch.compile ----------------------------------------------------------------------------
+
+
+def _compare_modules(ours, theirs, step):
+    for (name, p), (_, q) in zip(ours.named_parameters(), theirs.named_parameters()):
+        torch.testing.assert_close(
+            p.grad, q.grad, **TOL[torch.float32]["bwd"], msg=prefixed(f"step {step}, {name}.grad")
+        )
+    for (name, b), (_, c) in zip(ours.named_buffers(), theirs.named_buffers()):
+        torch.testing.assert_close(
+            b, c, **TOL[torch.float32]["fwd"], msg=prefixed(f"step {step}, {name}")
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_compile_batch_norm_module(momentum):
+    """BatchNorm2d in training (running statistics and num_batches_tracked updated inside the
+    compiled graph), then eval, under torch.compile(fullgraph=True): same as eager normext.
+    momentum=None (cumulative average) compiles too: the factor 1 / num_batches_tracked is
+    computed on the device by the update op, not read on the host."""
+    torch._dynamo.reset()
+    eager = normext.BatchNorm2d(4, momentum=momentum)
+    with torch.no_grad():
+        eager.weight.uniform_(0.5, 1.5)
+        eager.bias.normal_()
+    module = copy.deepcopy(eager)
+    compiled = torch.compile(module, fullgraph=True)
+    for step, training in enumerate([True, True, True, False]):
+        eager.train(training)
+        module.train(training)
+        x = (torch.randn(6, 4, 5, 5) * (step + 1) + step).contiguous(
+            memory_format=torch.channels_last
+        )
+        dy = torch.randn(6, 4, 5, 5)
+        xs = [x.clone().requires_grad_(True) for _ in range(2)]
+        y_eager, y_compiled = eager(xs[0]), compiled(xs[1])
+        torch.testing.assert_close(y_compiled, y_eager, **TOL[torch.float32]["fwd"])
+        assert y_compiled.is_contiguous(memory_format=torch.channels_last)
+        for m in (eager, module):
+            m.zero_grad()
+        y_eager.backward(dy)
+        y_compiled.backward(dy)
+        torch.testing.assert_close(xs[1].grad, xs[0].grad, **TOL[torch.float32]["bwd"])
+        _compare_modules(module, eager, step)
+    assert module.num_batches_tracked.item() == 3
+
+
+@pytest.mark.slow
+def test_compile_layer_norm_module():
+    torch._dynamo.reset()
+    eager = normext.LayerNorm((3, 16))
+    with torch.no_grad():
+        eager.weight.normal_()
+        eager.bias.normal_()
+    module = copy.deepcopy(eager)
+    compiled = torch.compile(module, fullgraph=True)
+    for step in range(2):
+        x = torch.randn(5, 3, 16)
+        dy = torch.randn(5, 3, 16)
+        xs = [x.clone().requires_grad_(True) for _ in range(2)]
+        y_eager, y_compiled = eager(xs[0]), compiled(xs[1])
+        torch.testing.assert_close(y_compiled, y_eager, **TOL[torch.float32]["fwd"])
+        for m in (eager, module):
+            m.zero_grad()
+        y_eager.backward(dy)
+        y_compiled.backward(dy)
+        torch.testing.assert_close(xs[1].grad, xs[0].grad, **TOL[torch.float32]["bwd"])
+        _compare_modules(module, eager, step)
+
+
+# ---- torch's OpInfo sample inputs -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def op_db():
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    return op_db
+
+
+def _clone(v):
+    if isinstance(v, torch.Tensor):
+        return v.detach().clone().requires_grad_(v.requires_grad)
+    return v
+
+
+def _run_sample(fn, sample, dy_seed):
+    """fn(input, *args, **kwargs) on fresh copies, then backward with a fixed random dy when
+    anything requires grad. Returns (output, {name: tensor after the call or its grad}) or the
+    exception raised."""
+    inp = _clone(sample.input)
+    args = [_clone(a) for a in sample.args]
+    kwargs = {k: _clone(v) for k, v in sample.kwargs.items()}
+    try:
+        y = fn(inp, *args, **kwargs)
+    except Exception as e:  # noqa: BLE001  (compared with the other implementation's)
+        return e, {}
+    state = {f"arg{i}": a for i, a in enumerate(args) if isinstance(a, torch.Tensor)}
+    leaves = {
+        "input": inp,
+        **state,
+        **{k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)},
+    }
+    if y.requires_grad:
+        gen = torch.Generator().manual_seed(dy_seed)
+        y.backward(torch.randn(y.shape, generator=gen, dtype=y.dtype))
+        for name, t in leaves.items():
+            if t.grad is not None:
+                state[f"{name}.grad"] = t.grad
+    return y.detach(), state
+
+
+def _torch_batch_norm_eps0(*args, **kwargs):
+    """torch's batch_norm, but with eps=0 in training (which torch refuses and normext accepts,
+    DESIGN.md) replaced by the smallest positive float64, which gives the same result."""
+    if kwargs.get("eps", 1e-5) == 0 and kwargs.get("training", False):
+        kwargs = {**kwargs, "eps": torch.finfo(torch.float64).tiny}
+    return F.batch_norm(*args, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(
+    "name,ours,theirs",
+    [
+        ("nn.functional.batch_norm", NF.batch_norm, _torch_batch_norm_eps0),
+        ("nn.functional.layer_norm", NF.layer_norm, F.layer_norm),
+    ],
+    ids=["batch_norm", "layer_norm"],
+)
+def test_opinfo_samples(op_db, name, ours, theirs, dtype):
+    """normext.functional on every sample input of torch's OpInfo entries for the same function:
+    same output, same running-statistics mutation, same grads, and an exception wherever torch
+    raises one. torch's own eps rules apply, except that normext's batch_norm accepts eps = 0 in
+    training; layer_norm accepts any eps (a sample uses eps=-0.5)."""
+    entries = [op for op in op_db if op.name == name]
+    assert entries, name
+    count = 0
+    for op in entries:
+        for i, sample in enumerate(op.sample_inputs("cpu", dtype, requires_grad=True)):
+            where = f"{name}{'.' + op.variant_test_name if op.variant_test_name else ''} sample {i}"
+            expected, expected_state = _run_sample(theirs, sample, i)
+            actual, actual_state = _run_sample(ours, sample, i)
+            if isinstance(expected, Exception):
+                assert isinstance(actual, Exception), (
+                    f"{where}: torch raised {expected!r}, normext did not"
+                )
+                continue
+            assert not isinstance(actual, Exception), f"{where}: normext raised {actual!r}"
+            tol = TOL[dtype]["fwd"]
+            torch.testing.assert_close(
+                actual, expected, **tol, equal_nan=True, msg=prefixed(f"{where}, output")
+            )
+            assert actual_state.keys() == expected_state.keys(), where
+            for key, t in expected_state.items():
+                torch.testing.assert_close(
+                    actual_state[key],
+                    t,
+                    **TOL[dtype]["bwd"],
+                    equal_nan=True,
+                    msg=prefixed(f"{where}, {key}"),
+                )
+            count += 1
+    assert count >= 5, f"only {count} samples compared"
