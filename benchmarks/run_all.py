@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import time
 
 import bench_batch_norm
@@ -41,17 +42,20 @@ def geomeans(s: dict[tuple, float], op: str) -> list[float]:
     ]
 
 
-def summary_md(rows: list[dict], seconds: float) -> str:
+def summary_md(rows: list[dict], seconds: float, load: float) -> str:
     first = rows[0]
     providers = [p for p in ("torch", "compile") if any(r["provider"] == p for r in rows)]
     copies = ", ".join(f"{r['gbps']:.1f}" for r in rows if r["op"] == "copy")
+    busy = load > (os.cpu_count() or 1)
+    note = " (more than the cores: other processes shared the CPU, expect noise)" if busy else ""
     lines = [
         "# normext benchmarks",
         "",
         (
             f"{first['device']} ({torch.get_num_threads()} threads), "
             f"torch {first['torch_version']}, commit `{first['commit']}`, "
-            f"{datetime.date.today()}; the suite took {seconds:.0f} s. "
+            f"{datetime.date.today()}; the suite took {seconds:.0f} s; 1-minute load average "
+            f"{load:.1f} at the start{note}. "
             "Speedup = provider ms / normext ms (above 1: normext is faster). Median times; GB/s "
             "from the minimum bytes each mode must move. Plain copy `y.copy_(x)`: "
             f"{copies} GB/s (measured before each op's run)."
@@ -108,7 +112,7 @@ def main() -> None:
     flags = ["--device", args.device] + [
         f"--{f.replace('_', '-')}" for f in ("compile", "quick", "no_csv") if getattr(args, f)
     ]
-    start = time.perf_counter()
+    load, start = os.getloadavg()[0], time.perf_counter()
     rows = [r for module in OPS.values() for r in module.main(flags)]
     seconds = time.perf_counter() - start
 
@@ -117,11 +121,11 @@ def main() -> None:
     for op in OPS:
         means = zip(common.MODES, geomeans(s, op))
         print(f"  {op:<10}  " + "  ".join(f"{m} {g:.2f}x" for m, g in means))
-    print(f"suite took {seconds:.0f} s")
+    print(f"suite took {seconds:.0f} s; load average {load:.1f} at the start")
     if args.no_csv:
         return
     path = common.RESULTS / "summary.md"
-    path.write_text(summary_md(rows, seconds))
+    path.write_text(summary_md(rows, seconds, load))
     print(f"wrote {path.relative_to(common.ROOT)}")
     plot.main(["--csv", str(common.csv_path(rows[0]["device"]))])
 
