@@ -68,7 +68,9 @@ opt = ["-O0", "-g"] if debug else ["-O3"]
 with_cuda = _want_cuda()
 
 sources = _rel(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
-cxx_flags = opt + ["-std=c++17", "-fopenmp", "-DNORMEXT_EXTENSION"] + _cpu_flags()
+# No -std flag: torch.utils.cpp_extension adds the standard torch's headers need (C++20 for
+# torch 2.13 and 2.14, whose 2.14 headers no longer compile as C++17).
+cxx_flags = opt + ["-fopenmp", "-DNORMEXT_EXTENSION"] + _cpu_flags()
 ext_kwargs = dict(
     name="normext._C",
     sources=sources,
@@ -82,7 +84,7 @@ if with_cuda:
         define_macros=[("NORMEXT_WITH_CUDA", None)],
         extra_compile_args={
             "cxx": cxx_flags,
-            "nvcc": opt + ["-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
+            "nvcc": opt + ["--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
         },
     )
 else:
