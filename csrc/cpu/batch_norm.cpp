@@ -337,28 +337,13 @@ void channel_apply(const T* g, const T* x, T* out, const BnShape& sh, const acc_
 
 // ---- ops -------------------------------------------------------------------------------------
 
-void check_bn_input(const at::Tensor& x, const char* op) {
-  check_floating_input(x, op);
-  TORCH_CHECK(x.dim() >= 2, op, ": expected input of shape (N, C, *) with at least 2 dims, but got ",
-              x.dim(), " dims");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, bool training, double eps) {
-  const char* op = "normext::batch_norm_fwd";
-  check_bn_input(input, op);
-  TORCH_CHECK(eps >= 0, op, ": eps must be non-negative, but got ", eps);
+  check_bn_fwd_args(input, weight, bias, running_mean, running_var, training, eps,
+                    "normext::batch_norm_fwd");
   const int64_t C = input.size(1);
-  check_param(weight, input, C, op, "weight");
-  check_param(bias, input, C, op, "bias");
-  check_param(running_mean, input, C, op, "running_mean");
-  check_param(running_var, input, C, op, "running_var");
-  const bool have_stats = running_mean.has_value() && running_mean->defined() &&
-                          running_var.has_value() && running_var->defined();
-  TORCH_CHECK(training || have_stats, op,
-              ": running_mean and running_var must be given in evaluation mode (training=False)");
 
   BnShape sh;
   at::Tensor x = bn_layout(input, sh);
@@ -411,20 +396,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
     const at::Tensor& grad_out, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training,
     std::array<bool, 3> mask) {
-  const char* op = "normext::batch_norm_bwd";
-  check_bn_input(input, op);
-  TORCH_CHECK(grad_out.sizes() == input.sizes(), op, ": grad_out has shape ", grad_out.sizes(),
-              " but input has shape ", input.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), op, ": grad_out has dtype ",
-              grad_out.scalar_type(), " but input has dtype ", input.scalar_type());
+  check_bn_bwd_args(grad_out, input, weight, save_mean, save_invstd, "normext::batch_norm_bwd");
   const int64_t C = input.size(1);
   const auto acc = acc_dtype(input.scalar_type());
-  check_param(weight, input, C, op, "weight");
-  for (const at::Tensor* t : {&save_mean, &save_invstd}) {
-    TORCH_CHECK(t->numel() == C && t->scalar_type() == acc && t->device() == input.device(), op,
-                ": save_mean/save_invstd must be ", acc, " tensors of ", C,
-                " elements on the input's device, as batch_norm_fwd returns them");
-  }
 
   BnShape sh;
   at::Tensor x = bn_layout(input, sh);
