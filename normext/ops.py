@@ -217,21 +217,142 @@ torch.library.register_autograd(
 
 
 # ---- double backward ----------------------------------------------------------------------------
-# The backward ops are not differentiable themselves. Without an autograd registration, autograd's
-# fallback treats them as constants and a gradient of a gradient (create_graph=True, e.g. a
-# gradient penalty) comes out silently wrong (zero). Registering a backward that raises turns
-# that into a clear error, raised only when something actually backpropagates through them.
+# Autograd formulas for the backward ops, so that a gradient of a gradient (create_graph=True, e.g.
+# a gradient penalty) works and matches torch.nn. Without a registration autograd's fallback would
+# treat the backward ops as constants and the second-order gradient would come out silently zero.
+#
+# Per group of n values (a LayerNorm row, a BatchNorm channel over N x spatial), with g = w * dy,
+# x^ = (x - mean) * r and P(u) = u - mean(u) - x^ * mean(u * x^) (the group means are over the
+# group), the backward op computes dx = r * P(g), dw = sum(dy * x^), db = sum(dy). Given the
+# incoming grads a = grad(dx), gw = grad(dw), gb = grad(db), its vector-Jacobian product is
+#   grad(dy) = w * r * P(a) + gw * x^ + gb
+#   grad(w)  = sum(dy * r * P(a))
+#   grad(x)  = r * P(v) - r^2 * x^ * mean(a * P(g)),
+#              v = gw * dy - r * (a * mean(g * x^) + g * mean(a * x^))
+# where grad(x) is the *total* derivative: mean and r are the statistics of x (training), which
+# the forward op returns as non-differentiable outputs, so their dependence on x is accounted for
+# here (d x^/dx = r * P, dr/dx = -r^2 * x^ / n). The mean/rstd inputs get no gradient: the backward
+# ops' contract is that they are x's statistics. In eval BatchNorm the statistics are constants:
+# dx = w * r * dy, so P is the identity and the statistics terms vanish:
+#   grad(dy) = w * r * a + gw * x^ + gb,  grad(w) = sum(dy * r * a),  grad(x) = r * gw * dy.
+# The formulas are plain differentiable torch ops, computed in the statistics' dtype (float32 for
+# half inputs). When they are themselves differentiated (create_graph=True: triple backward), the
+# statistics are rebuilt from x so that they carry x's gradient while keeping the saved values:
+# mean + (m(x) - m(x).detach()) and rstd + (r(x) - r(x).detach()) with r(x) = (v(x) - v(x).detach()
+# + rstd^-2)^-1/2, which has the derivative dr/dvar = -r^3/2 that eps-dependent rstd has.
 
 
-def _no_double_backward(op: str):
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            f"normext::{op}: double backward (the gradient of a gradient through normext's "
-            "backward) is not implemented; use torch.nn's module for this computation"
-        )
+def _stats(x, mean, rstd, dims, differentiable: bool):
+    """mean/rstd broadcastable to x; with differentiable=True, carrying their dependence on x."""
+    if not (differentiable and torch.is_grad_enabled() and x.requires_grad):
+        return mean, rstd
+    m = x.mean(dims, keepdim=True)
+    var = (x - m).square().mean(dims, keepdim=True)
+    r = (var - var.detach() + rstd.detach().pow(-2)).rsqrt()
+    return mean + (m - m.detach()), rstd + (r - r.detach())
 
-    return backward
+
+def _norm_double_backward(grads, dy, x, weight, mean, rstd, dims, pdims, pview, training, needs):
+    """The vector-Jacobian product of the backward ops (formulas above). dims: a group's dims;
+    pdims: the dims a parameter gradient sums over; pview: a parameter's shape broadcastable to x;
+    mean/rstd: already broadcastable to x. needs: (dy, x, weight) input grads wanted. Returns
+    (grad_dy, grad_x, grad_weight) in the dtypes of dy, x, weight (None where not wanted)."""
+    ddx, ddw, ddb = grads
+    acc = mean.dtype
+    xa, dya = x.to(acc), dy.to(acc)
+    mean, rstd = _stats(xa, mean, rstd, dims, training and needs[1])
+    xhat = (xa - mean) * rstd
+    w = weight.to(acc).view(pview) if weight is not None else None
+    gw = ddw.to(acc).view(pview) if ddw is not None else None
+    gb = ddb.to(acc).view(pview) if ddb is not None else None
+    a = ddx.to(acc) if ddx is not None else None
+
+    def proj(u):  # P(u)
+        if not training:
+            return u
+        return u - u.mean(dims, keepdim=True) - xhat * (u * xhat).mean(dims, keepdim=True)
+
+    g_dy = g_x = g_w = None
+    ra = rstd * proj(a) if a is not None else None
+    if needs[0]:
+        terms = [ra * w if w is not None else ra] if ra is not None else []
+        if gw is not None:
+            terms.append(gw * xhat)
+        if gb is not None:
+            terms.append(gb if terms else gb.expand_as(xa).clone())
+        g_dy = sum(terms[1:], terms[0]) if terms else torch.zeros_like(xa)
+    if needs[2] and weight is not None:
+        if ra is None:
+            g_w = torch.zeros_like(weight, dtype=acc)
+        else:  # sum(()) would sum over everything: no leading dims (LayerNorm) means no sum
+            g_w = ((dya * ra).sum(pdims) if pdims else dya * ra).reshape(weight.shape)
+    if needs[1]:
+        g = dya * w if w is not None else dya
+        v = gw * dya if gw is not None else None
+        if training and a is not None:
+            mix = a * (g * xhat).mean(dims, keepdim=True) + g * (a * xhat).mean(dims, keepdim=True)
+            v = -rstd * mix if v is None else v - rstd * mix
+        g_x = rstd * proj(v) if v is not None else torch.zeros_like(xa)
+        if training and a is not None:
+            g_x = g_x - rstd.square() * xhat * (a * proj(g)).mean(dims, keepdim=True)
+    return (
+        g_dy.to(dy.dtype) if g_dy is not None else None,
+        g_x.to(x.dtype) if g_x is not None else None,
+        g_w.to(weight.dtype) if g_w is not None else None,
+    )
 
 
-for _op in ("layer_norm_bwd", "batch_norm_bwd"):
-    torch.library.register_autograd(f"normext::{_op}", _no_double_backward(_op))
+def _used(grad, wanted: bool):
+    """An incoming grad, or None when that output was not computed (output_mask) or not used."""
+    return grad if wanted and grad is not None else None
+
+
+def _layer_norm_bwd_setup_context(ctx, inputs, output):
+    dy, x, normalized_ndim, mean, rstd, weight, output_mask = inputs
+    ctx.normalized_ndim = normalized_ndim
+    ctx.output_mask = list(output_mask)
+    ctx.save_for_backward(dy, x, mean, rstd, weight)
+
+
+def _layer_norm_bwd_backward(ctx, ddx, ddw, ddb):
+    dy, x, mean, rstd, weight = ctx.saved_tensors
+    k, mask = ctx.normalized_ndim, ctx.output_mask
+    lead = x.dim() - k
+    stat_view = (*mean.shape, *([1] * k))
+    nig = ctx.needs_input_grad
+    g_dy, g_x, g_w = _norm_double_backward(
+        (_used(ddx, mask[0]), _used(ddw, mask[1]), _used(ddb, mask[2])),
+        dy, x, weight, mean.reshape(stat_view), rstd.reshape(stat_view),
+        dims=tuple(range(lead, x.dim())), pdims=tuple(range(lead)), pview=x.shape[lead:],
+        training=True, needs=(nig[0], nig[1], nig[5]),
+    )
+    return g_dy, g_x, None, None, None, g_w, None
+
+
+def _batch_norm_bwd_setup_context(ctx, inputs, output):
+    dy, x, weight, save_mean, save_invstd, training, output_mask = inputs
+    ctx.training = training
+    ctx.output_mask = list(output_mask)
+    ctx.save_for_backward(dy, x, weight, save_mean, save_invstd)
+
+
+def _batch_norm_bwd_backward(ctx, ddx, ddw, ddb):
+    dy, x, weight, save_mean, save_invstd = ctx.saved_tensors
+    mask = ctx.output_mask
+    view = (1, x.shape[1], *([1] * (x.dim() - 2)))
+    nig = ctx.needs_input_grad
+    dims = (0, *range(2, x.dim()))
+    g_dy, g_x, g_w = _norm_double_backward(
+        (_used(ddx, mask[0]), _used(ddw, mask[1]), _used(ddb, mask[2])),
+        dy, x, weight, save_mean.reshape(view), save_invstd.reshape(view),
+        dims=dims, pdims=dims, pview=view, training=ctx.training, needs=(nig[0], nig[1], nig[2]),
+    )
+    return g_dy, g_x, g_w, None, None, None, None
+
+
+torch.library.register_autograd(
+    "normext::layer_norm_bwd", _layer_norm_bwd_backward, setup_context=_layer_norm_bwd_setup_context
+)
+torch.library.register_autograd(
+    "normext::batch_norm_bwd", _batch_norm_bwd_backward, setup_context=_batch_norm_bwd_setup_context
+)

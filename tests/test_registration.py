@@ -220,10 +220,10 @@ def test_gradcheck_batch_norm(shape, layout, mode, affine):
 
 
 @pytest.mark.parametrize("fn", ["layer_norm", "batch_norm"])
-def test_double_backward_raises(fn):
-    """The backward ops are not differentiable: a gradient of a gradient must raise, not come out
-    silently zero (torch's autograd fallback for an op without autograd); the first-order
-    gradient taken with create_graph=True is still right."""
+def test_double_backward(fn):
+    """The backward ops have autograd formulas: a gradient of a gradient (create_graph=True, a
+    gradient penalty) equals torch's, where autograd's fallback would make it silently zero.
+    More in test_double_backward.py."""
     x = torch.randn(5, 3, 4, **f64)
     w = torch.randn(4 if fn == "layer_norm" else 3, **f64)
 
@@ -236,14 +236,11 @@ def test_double_backward_raises(fn):
     for lib in (F, NF):
         xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
         (g,) = torch.autograd.grad(call(lib, xr, wr).pow(3).sum(), xr, create_graph=True)
-        grads.append((xr, wr, g))
-    torch.testing.assert_close(grads[1][2], grads[0][2], **TOL[torch.float64]["bwd"])
-    grads[0][2].pow(2).sum().backward()  # torch: fine, and not zero
-    assert grads[0][0].grad.abs().max() > 0
-    with pytest.raises(
-        RuntimeError, match=rf"normext::{fn}_bwd: double backward .* not implemented"
-    ):
-        grads[1][2].pow(2).sum().backward()
+        g.pow(2).sum().backward()
+        grads.append((g, xr.grad, wr.grad))
+    for name, ours, theirs in zip(("grad", "x.grad", "weight.grad"), grads[1], grads[0]):
+        torch.testing.assert_close(ours, theirs, **TOL[torch.float64]["bwd"], msg=prefixed(name))
+    assert grads[0][1].abs().max() > 0
 
 
 # ---- torch.compile ----------------------------------------------------------------------------
