@@ -68,7 +68,10 @@ opt = ["-O0", "-g"] if debug else ["-O3"]
 with_cuda = _want_cuda()
 
 sources = _rel(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
-cxx_flags = opt + ["-std=c++17", "-fopenmp", "-DNORMEXT_EXTENSION"] + _cpu_flags()
+# -ffp-contract=off: no implicit a*b+c -> fma. at::parallel_for inlines its body twice (the
+# one-thread call and the threaded one) and the compiler may contract each copy differently, which
+# made results depend on the thread count; explicit at::vec::fmadd calls are unaffected.
+cxx_flags = opt + ["-std=c++17", "-fopenmp", "-ffp-contract=off", "-DNORMEXT_EXTENSION"] + _cpu_flags()
 ext_kwargs = dict(
     name="normext._C",
     sources=sources,
