@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.deps-$(TORCH_VERSION)
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 
-.PHONY: venv build test test-fast bench plot lint format cuda-check clean
+.PHONY: venv build test test-fast bench plot lint format cuda-check sanitize clean
 
 venv: $(STAMP)
 $(STAMP):
@@ -42,6 +42,11 @@ format: venv
 # Compile (not run) the CUDA kernels with nvcc against a CUDA build of torch; see DEVELOPERS.md.
 cuda-check:
 	bash scripts/cuda_build_check.sh
+
+# Build with AddressSanitizer + UBSan into build/asan (the normal build is untouched) and run
+# the CPU test suite against it; scripts/sanitize.sh says what gets preloaded and why.
+sanitize: venv
+	bash scripts/sanitize.sh
 
 clean:
 	rm -rf build *.egg-info normext/*.so $(VENV)/.built

@@ -7,6 +7,9 @@ Environment:
                           instruction set for the at::vec::Vectorized loops. auto picks avx2 when
                           the build machine has AVX2+FMA+F16C (the extension is built where it runs).
   DEBUG=1                 -O0 -g instead of -O3.
+  NORMEXT_SANITIZE=1      AddressSanitizer + UndefinedBehaviorSanitizer (-O1 -g, C++ sources
+                          only); see scripts/sanitize.sh (make sanitize) for building it apart
+                          from the normal build and running the tests with it.
   TORCH_CUDA_ARCH_LIST, MAX_JOBS are honoured as by torch.utils.cpp_extension.
 """
 
@@ -65,17 +68,23 @@ def _cpu_flags():
 
 debug = os.environ.get("DEBUG", "0") == "1"
 opt = ["-O0", "-g"] if debug else ["-O3"]
+sanitize = os.environ.get("NORMEXT_SANITIZE", "0") == "1"
+san_flags = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"] if sanitize else []
+cxx_opt = ["-O1", "-g", "-fno-omit-frame-pointer"] + san_flags if sanitize else opt
 with_cuda = _want_cuda()
 
 sources = _rel(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
 # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++20; the
 # torch 2.14 headers do not compile as C++17).
-cxx_flags = opt + ["-fopenmp", "-DNORMEXT_EXTENSION"] + _cpu_flags()
+# -ffp-contract=off: no implicit a*b+c -> fma. at::parallel_for inlines its body twice (the
+# one-thread call and the threaded one) and the compiler may contract each copy differently, which
+# made results depend on the thread count; explicit at::vec::fmadd calls are unaffected.
+cxx_flags = cxx_opt + ["-fopenmp", "-ffp-contract=off", "-DNORMEXT_EXTENSION"] + _cpu_flags()
 ext_kwargs = dict(
     name="normext._C",
     sources=sources,
     include_dirs=[CSRC],
-    extra_link_args=["-fopenmp"],
+    extra_link_args=["-fopenmp"] + san_flags,
 )
 if with_cuda:
     sources += _rel(glob.glob(os.path.join(CSRC, "cuda", "*.cu")) + glob.glob(os.path.join(CSRC, "cuda", "*.cpp")))

@@ -8,8 +8,9 @@
 //   backward (eval): dx = weight * invstd * dy.
 //
 // Work split (see common.h for the layouts, and "work units" below):
-//   planar (NCHW):  units are (n, c) planes, cut into segments when huge; each unit's result is
-//                   merged per channel in order of n.
+//   planar (NCHW):  units are (n, c) planes, cut into segments when huge; threads take whole
+//                   channels (C >= kTasks) or ranges of units; results merge per channel in
+//                   order of n (planar_reduce).
 //   channels-last:  fixed blocks of rows, grouped into at most kTasks tasks by shape alone; each
 //                   block is walked one tile of channels at a time with the accumulators in
 //                   registers; task results are merged per channel in task order.
@@ -45,9 +46,9 @@ constexpr int64_t kSeg = 1 << 16;
 constexpr int64_t kBlockRows = 128;
 
 struct Planar {
-  int64_t S, C, segs, units;
+  int64_t N, S, C, segs, units;
   explicit Planar(const BnShape& sh)
-      : S(sh.s), C(sh.c), segs(std::max<int64_t>(1, (sh.s + kSeg - 1) / kSeg)),
+      : N(sh.n), S(sh.s), C(sh.c), segs(std::max<int64_t>(1, (sh.s + kSeg - 1) / kSeg)),
         units(sh.n * sh.c * segs) {}
   int64_t plane(int64_t u) const { return u / segs; }
   int64_t channel(int64_t u) const { return plane(u) % C; }
@@ -221,26 +222,50 @@ struct Rows {
 
 // ---- statistics ------------------------------------------------------------------------------
 
+// A planar per-channel reduction: unit_fn(u) is unit u's partial result R (Moments or Sum2, both
+// with merge()), and channel c's partials merge in order of n, then segment. With at least
+// kTasks channels the threads take whole channels and merge as they go; with fewer, the units
+// go to at most kTasks tasks in contiguous ranges, each merging per channel into its own C
+// partials, and the tasks merge in order. The order depends on the shape alone, and the partials
+// take at most kTasks * C < kTasks^2 entries, not one per unit: a (N, C, 2) input has N*C units,
+// and 24 bytes of Moments per unit would be several times the input.
+template <typename R, typename F>
+std::vector<R> planar_reduce(const Planar& pl, const F& unit_fn) {
+  const int64_t C = pl.C;
+  std::vector<R> out(C);
+  if (C >= kTasks) {
+    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t i = 0; i < pl.N; ++i)
+          for (int64_t s = 0; s < pl.segs; ++s) out[c].merge(unit_fn((i * C + c) * pl.segs + s));
+    });
+    return out;
+  }
+  const int64_t tasks = std::max<int64_t>(1, std::min(pl.units, kTasks));
+  std::vector<R> part(tasks * C);
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t u = t * pl.units / tasks; u < (t + 1) * pl.units / tasks; ++u)
+        part[t * C + pl.channel(u)].merge(unit_fn(u));
+  });
+  for (int64_t t = 0; t < tasks; ++t)
+    for (int64_t c = 0; c < C; ++c) out[c].merge(part[t * C + c]);
+  return out;
+}
+
 // Per-channel moments of x (layout `sh`). Each unit (plane segment or row block) runs both
 // statistics passes over its values while they are in cache, so x is read from memory once;
 // the units' moments merge per channel in a fixed order.
 template <typename T>
 std::vector<Moments> channel_moments(const T* x, const BnShape& sh) {
-  using A = acc_t<T>;
   const int64_t C = sh.c;
-  std::vector<Moments> out(C);
   if (!sh.channels_last) {
     const Planar pl(sh);
-    std::vector<Moments> part(pl.units);
-    at::parallel_for(0, pl.units, 1, [&](int64_t u0, int64_t u1) {
-      for (int64_t u = u0; u < u1; ++u) part[u] = span_moments(x + pl.offset(u), pl.length(u));
+    return planar_reduce<Moments>(pl, [&](int64_t u) {
+      return span_moments(x + pl.offset(u), pl.length(u));
     });
-    // units of channel c, in order: n = 0..N-1, then segment
-    for (int64_t i = 0; i < sh.n; ++i)
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t s = 0; s < pl.segs; ++s) out[c].merge(part[(i * C + c) * pl.segs + s]);
-    return out;
   }
+  std::vector<Moments> out(C);
   const RowBlocks rbk(sh.n * sh.s);
   const int64_t whole = C - C % Tile<T>::kWidth;
   std::vector<Moments> part(rbk.tasks * C);
@@ -263,25 +288,19 @@ std::vector<Moments> channel_moments(const T* x, const BnShape& sh) {
 template <typename T>
 void channel_grad_sums(const T* dy, const T* x, const BnShape& sh, const acc_t<T>* mean,
                        std::vector<double>& s1, std::vector<double>& s2) {
-  using A = acc_t<T>;
   const int64_t C = sh.c;
   s1.assign(C, 0);
   s2.assign(C, 0);
   if (!sh.channels_last) {
     const Planar pl(sh);
-    std::vector<Sum2> part(pl.units);
-    at::parallel_for(0, pl.units, 1, [&](int64_t u0, int64_t u1) {
-      for (int64_t u = u0; u < u1; ++u)
-        part[u] = span_grad_sums(dy + pl.offset(u), x + pl.offset(u), pl.length(u),
-                                 mean[pl.channel(u)]);
+    const std::vector<Sum2> sums = planar_reduce<Sum2>(pl, [&](int64_t u) {
+      return span_grad_sums(dy + pl.offset(u), x + pl.offset(u), pl.length(u),
+                            mean[pl.channel(u)]);
     });
-    for (int64_t i = 0; i < sh.n; ++i)
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t s = 0; s < pl.segs; ++s) {
-          const Sum2& p = part[(i * C + c) * pl.segs + s];
-          s1[c] += p.sd;
-          s2[c] += p.sdd;
-        }
+    for (int64_t c = 0; c < C; ++c) {
+      s1[c] = sums[c].sd;
+      s2[c] = sums[c].sdd;
+    }
     return;
   }
   const RowBlocks rbk(sh.n * sh.s);

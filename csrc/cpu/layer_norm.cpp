@@ -7,12 +7,15 @@
 // Work split: rows are independent and go to threads in ranges (at::parallel_for). The column
 // sums of the backward use at most kBlocks fixed row blocks, each summing its rows into its own
 // buffer; the blocks are then added in order, so results do not depend on the thread count.
+// With few long rows those buffers would rival the input in size: the column sums then take a
+// second pass, parallel over tiles of columns, each column summing its rows in order.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "common.h"
@@ -22,6 +25,8 @@ namespace normext::cpu {
 namespace {
 
 constexpr int64_t kBlocks = 64;
+constexpr int64_t kMaxPartial = int64_t{1} << 24;  // fused backward's partial sums (see below)
+constexpr int64_t kColTile = 1024;                   // columns per task in column_sums
 
 // Mean and rstd of one row of n values.
 template <typename T>
@@ -133,6 +138,37 @@ inline void row_backward(const T* dy, const T* x, T* dx, int64_t n, acc_t<T> mea
   }
 }
 
+// dweight = sum(dy * xhat) and dbias = sum(dy) over the M rows, by columns: threads take tiles
+// of kColTile columns, and each column sums its rows in order, in double (the unfused path).
+template <typename T>
+void column_sums(const T* dy, const T* x, int64_t M, int64_t N, const acc_t<T>* mean,
+                 const acc_t<T>* rstd, acc_t<T>* dw, acc_t<T>* db) {
+  using A = acc_t<T>;
+  const int64_t tiles = (N + kColTile - 1) / kColTile;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<double> sw(kColTile), sb(kColTile);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t j0 = t * kColTile, n = std::min(kColTile, N - j0);
+      std::fill(sw.begin(), sw.end(), 0.0);
+      std::fill(sb.begin(), sb.end(), 0.0);
+      for (int64_t r = 0; r < M; ++r) {
+        const T* g = dy + r * N + j0;
+        const T* xr = x + r * N + j0;
+        const A m = mean[r], rs = rstd[r];
+        for (int64_t j = 0; j < n; ++j) {
+          const A d = static_cast<A>(g[j]);
+          sw[j] += d * ((static_cast<A>(xr[j]) - m) * rs);
+          sb[j] += d;
+        }
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        if (dw != nullptr) dw[j0 + j] = static_cast<A>(sw[j]);
+        if (db != nullptr) db[j0 + j] = static_cast<A>(sb[j]);
+      }
+    }
+  });
+}
+
 void check_ln_input(const at::Tensor& x, int64_t ndim, const char* op) {
   check_floating_input(x, op);
   TORCH_CHECK(ndim >= 1 && ndim <= x.dim(), op, ": normalized_ndim must be in [1, ", x.dim(),
@@ -216,7 +252,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
     const A* wp = ptr_or_null<A>(w);
     const bool sums = mask[1] || mask[2];
     const int64_t blocks = sums ? std::max<int64_t>(1, std::min(M, kBlocks)) : 1;
-    std::vector<A> part(sums ? blocks * 2 * N : 0, A(0));
+    // The fused pass keeps 2N partial sums per row block: with few long rows (a block per row)
+    // that is twice the input's size in floats. Past kMaxPartial of them, and more than half as
+    // many as the input has values, the sums take their own column-parallel pass instead.
+    const bool fused = sums && blocks * 2 * N <= std::max<int64_t>(kMaxPartial, M * N / 2);
+    std::vector<A> part(fused ? blocks * 2 * N : 0, A(0));
     if (N > 0 && M > 0) {
       auto body = [&](int64_t b0, int64_t b1) {
         for (int64_t blk = b0; blk < b1; ++blk) {
@@ -228,9 +268,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
                          dws, dbs);
         }
       };
-      if (sums) {
+      if (fused) {
         at::parallel_for(0, blocks, 1, body);
-      } else {
+      } else if (dxp != nullptr) {
         at::parallel_for(0, M, std::max<int64_t>(1, 8192 / N), [&](int64_t r0, int64_t r1) {
           for (int64_t r = r0; r < r1; ++r)
             row_backward<scalar_t>(gp + r * N, xp + r * N, dxp + r * N, N, mp[r], rp[r], wp,
@@ -238,7 +278,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
         });
       }
     }
-    if (sums) {
+    if (sums && !fused)
+      column_sums(gp, xp, M, N, mp, rp, mask[1] ? dw.mutable_data_ptr<A>() : nullptr,
+                  mask[2] ? db.mutable_data_ptr<A>() : nullptr);
+    if (fused) {
       A* dwp = mask[1] ? dw.mutable_data_ptr<A>() : nullptr;
       A* dbp = mask[2] ? db.mutable_data_ptr<A>() : nullptr;
       at::parallel_for(0, N, 1024, [&](int64_t j0, int64_t j1) {
