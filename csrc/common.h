@@ -82,7 +82,8 @@ inline at::Tensor bn_layout(const at::Tensor& x, BnShape& shape) {
   shape.c = x.size(1);
   shape.s = 1;
   for (int64_t d = 2; d < x.dim(); ++d) shape.s *= x.size(d);
-  if ((shape.s == 1 || !x.is_contiguous()) && is_channels_last_like(x)) {
+  // An empty x counts as contiguous whatever its strides: keep a channels-last one's layout.
+  if ((shape.s == 1 || !x.is_contiguous() || x.numel() == 0) && is_channels_last_like(x)) {
     shape.channels_last = true;
     return x;
   }

@@ -140,7 +140,7 @@ def _bn_like(x):
     spatial = 1
     for s in x.shape[2:]:
         spatial *= s
-    if (spatial == 1 or not x.is_contiguous()) and _is_channels_last_like(x):
+    if (spatial == 1 or not x.is_contiguous() or x.numel() == 0) and _is_channels_last_like(x):
         return torch.empty_like(x)
     return x.new_empty(x.shape)
 

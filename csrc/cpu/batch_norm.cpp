@@ -446,8 +446,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
         s2.assign(C, 0);
       }
     }
-    if (mask[1])
-      for (int64_t c = 0; c < C; ++c) dw.mutable_data_ptr<A>()[c] = static_cast<A>(s2[c] * invstd[c]);
+    if (mask[1])  // an empty batch sums nothing: 0, even where invstd is Inf (eps = 0)
+      for (int64_t c = 0; c < C; ++c)
+        dw.mutable_data_ptr<A>()[c] = n > 0 ? static_cast<A>(s2[c] * invstd[c]) : A(0);
     if (mask[2])
       for (int64_t c = 0; c < C; ++c) db.mutable_data_ptr<A>()[c] = static_cast<A>(s1[c]);
     if (!mask[0] || x.numel() == 0) return;

@@ -68,9 +68,32 @@ inline void row_forward(const T* x, T* y, int64_t n, acc_t<T> mean, acc_t<T> rst
   }
 }
 
+// lo = -(mean(x) - mean) * rstd for one row: the saved mean is the row mean rounded to acc_t,
+// and xhat = (x - mean) * rstd + lo undoes that rounding, as the forward does (with mean 1e2 and
+// std 1e-2 in float32 the rounding alone moves xhat by up to 4e-4). x - mean is small and
+// exact for values near the mean, so a float sum of it is accurate.
+template <typename T>
+inline acc_t<T> row_shift(const T* x, int64_t n, acc_t<T> mean, acc_t<T> rstd) {
+  using P = VecPair<T>;
+  using A = typename P::A;
+  using V = typename P::V;
+  const V vm(mean);
+  V s0(A(0)), s1(A(0));
+  int64_t j = 0;
+  for (; j + P::kStep <= n; j += P::kStep) {
+    V x0, x1;
+    P::load(x + j, x0, x1);
+    s0 += x0 - vm;
+    s1 += x1 - vm;
+  }
+  A sd = hsum(s0 + s1);
+  for (; j < n; ++j) sd += static_cast<A>(x[j]) - mean;
+  return n > 0 ? -(sd / static_cast<A>(n)) * rstd : A(0);
+}
+
 // dx for one row, and its dy * xhat and dy added into the column sums (when asked for).
-// Two passes over the row (it stays in L1): the sums of g and g * xhat, then dx and the
-// column sums together.
+// Two passes over the row (it stays in L1): the sums of g, g * (x - mean) * rstd and x - mean
+// (for lo, see row_shift), then dx and the column sums together.
 template <typename T>
 inline void row_backward(const T* dy, const T* x, T* dx, int64_t n, acc_t<T> mean, acc_t<T> rstd,
                          const acc_t<T>* w, acc_t<T>* dw_sum, acc_t<T>* db_sum) {
@@ -79,9 +102,9 @@ inline void row_backward(const T* dy, const T* x, T* dx, int64_t n, acc_t<T> mea
   using V = typename P::V;
   const V vm(mean), vr(rstd);
   const int64_t h = V::size();
-  A c1 = 0, c2 = 0;  // mean(g), mean(g * xhat)
+  A c1 = 0, c2 = 0, lo = 0;  // mean(g), mean(g * xhat), xhat's correction (row_shift)
   if (dx != nullptr) {
-    V sg0(A(0)), sg1(A(0)), sgx0(A(0)), sgx1(A(0));
+    V sg0(A(0)), sg1(A(0)), sgx0(A(0)), sgx1(A(0)), sd0(A(0)), sd1(A(0));
     int64_t j = 0;
     for (; j + P::kStep <= n; j += P::kStep) {
       V g0, g1, x0, x1;
@@ -91,27 +114,36 @@ inline void row_backward(const T* dy, const T* x, T* dx, int64_t n, acc_t<T> mea
         g0 = g0 * V::loadu(w + j);
         g1 = g1 * V::loadu(w + j + h);
       }
+      x0 = x0 - vm;
+      x1 = x1 - vm;
+      sd0 += x0;
+      sd1 += x1;
       sg0 += g0;
       sg1 += g1;
-      sgx0 = at::vec::fmadd(g0, (x0 - vm) * vr, sgx0);
-      sgx1 = at::vec::fmadd(g1, (x1 - vm) * vr, sgx1);
+      sgx0 = at::vec::fmadd(g0, x0 * vr, sgx0);
+      sgx1 = at::vec::fmadd(g1, x1 * vr, sgx1);
     }
-    A sg = hsum(sg0 + sg1), sgx = hsum(sgx0 + sgx1);
+    A sg = hsum(sg0 + sg1), sgx = hsum(sgx0 + sgx1), sd = hsum(sd0 + sd1);
     for (; j < n; ++j) {
       A g = static_cast<A>(dy[j]) * (w ? w[j] : A(1));
+      const A d = static_cast<A>(x[j]) - mean;
+      sd += d;
       sg += g;
-      sgx += g * (static_cast<A>(x[j]) - mean) * rstd;
+      sgx += g * d * rstd;
     }
+    lo = -(sd / static_cast<A>(n)) * rstd;
     c1 = sg / static_cast<A>(n);
-    c2 = sgx / static_cast<A>(n);
+    c2 = (sgx + lo * sg) / static_cast<A>(n);  // sum(g * (xh + lo)) = sgx + lo * sum(g)
+  } else if (dw_sum != nullptr) {
+    lo = row_shift(x, n, mean, rstd);
   }
-  const V vc1(c1), vc2(c2);
+  const V vc1(c1), vc2(c2), vlo(lo);
   int64_t j = 0;
   for (; j + P::kStep <= n; j += P::kStep) {
     V d0, d1, x0, x1;
     P::load(dy + j, d0, d1);
     P::load(x + j, x0, x1);
-    const V xh0 = (x0 - vm) * vr, xh1 = (x1 - vm) * vr;
+    const V xh0 = at::vec::fmadd(x0 - vm, vr, vlo), xh1 = at::vec::fmadd(x1 - vm, vr, vlo);
     if (dx != nullptr) {
       V g0 = d0, g1 = d1;
       if (w) {
@@ -131,7 +163,7 @@ inline void row_backward(const T* dy, const T* x, T* dx, int64_t n, acc_t<T> mea
   }
   for (; j < n; ++j) {
     const A d = static_cast<A>(dy[j]);
-    const A xh = (static_cast<A>(x[j]) - mean) * rstd;
+    const A xh = (static_cast<A>(x[j]) - mean) * rstd + lo;
     if (dx != nullptr) dx[j] = static_cast<T>(rstd * (d * (w ? w[j] : A(1)) - c1 - xh * c2));
     if (dw_sum != nullptr) dw_sum[j] += d * xh;
     if (db_sum != nullptr) db_sum[j] += d;
@@ -144,6 +176,12 @@ template <typename T>
 void column_sums(const T* dy, const T* x, int64_t M, int64_t N, const acc_t<T>* mean,
                  const acc_t<T>* rstd, acc_t<T>* dw, acc_t<T>* db) {
   using A = acc_t<T>;
+  std::vector<A> lo(dw != nullptr ? M : 0);  // xhat's per-row correction (row_shift)
+  if (dw != nullptr)
+    at::parallel_for(0, M, std::max<int64_t>(1, 8192 / std::max<int64_t>(N, 1)),
+                     [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) lo[r] = row_shift(x + r * N, N, mean[r], rstd[r]);
+    });
   const int64_t tiles = (N + kColTile - 1) / kColTile;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     std::vector<double> sw(kColTile), sb(kColTile);
@@ -154,10 +192,10 @@ void column_sums(const T* dy, const T* x, int64_t M, int64_t N, const acc_t<T>* 
       for (int64_t r = 0; r < M; ++r) {
         const T* g = dy + r * N + j0;
         const T* xr = x + r * N + j0;
-        const A m = mean[r], rs = rstd[r];
+        const A m = mean[r], rs = rstd[r], l = dw != nullptr ? lo[r] : A(0);
         for (int64_t j = 0; j < n; ++j) {
           const A d = static_cast<A>(g[j]);
-          sw[j] += d * ((static_cast<A>(xr[j]) - m) * rs);
+          sw[j] += d * ((static_cast<A>(xr[j]) - m) * rs + l);
           sb[j] += d;
         }
       }
