@@ -56,7 +56,8 @@ namespace normext {
 //   planar:        NCHW-contiguous, each (n, c) plane is S consecutive values;
 //   channels-last: (N, S, C) in memory (channels_last / channels_last_3d, and a contiguous
 //                  (N, C) input), each of the N*S rows holds C consecutive channel values.
-// Any other strides are copied to the planar layout first.
+// Any other strides are copied first: to channels_last(_3d) where torch suggests that format for
+// them, else to the planar layout.
 inline bool is_channels_last_like(const at::Tensor& x) {
   int64_t expected = 1;
   auto fits = [&](int64_t d) {
@@ -86,6 +87,15 @@ inline at::Tensor bn_layout(const at::Tensor& x, BnShape& shape) {
   if ((shape.s == 1 || !x.is_contiguous() || x.numel() == 0) && is_channels_last_like(x)) {
     shape.channels_last = true;
     return x;
+  }
+  // Other strides are copied. Ones torch calls channels_last(_3d) (a strided slice of a
+  // channels_last tensor, say) go to that format, so the output has it, as torch's does.
+  if (x.dim() >= 4 && !x.is_contiguous()) {
+    const auto fmt = x.suggest_memory_format();
+    if (fmt != at::MemoryFormat::Contiguous) {
+      shape.channels_last = true;
+      return x.contiguous(fmt);
+    }
   }
   shape.channels_last = shape.s == 1;  // a contiguous (N, C, 1...) is also channels-last
   return x.contiguous();

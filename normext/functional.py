@@ -4,6 +4,7 @@ bookkeeping."""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -18,6 +19,8 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def _check_input_dtype(fn: str, x: Tensor) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{fn}: input must be a Tensor, but got {type(x).__name__}")
     if x.dtype not in _FLOATING:
         raise TypeError(
             f"{fn}: expected a floating-point input (float32, float64, float16 or bfloat16), "
@@ -67,6 +70,11 @@ def batch_norm(
     unbiased batch variance. Otherwise normalize with running_mean/running_var.
     Unlike current torch, ``eps=0`` is accepted in training (the variance must then be nonzero).
     """
+    if not isinstance(momentum, numbers.Real):
+        raise TypeError(
+            f"batch_norm: momentum must be a float, but got {type(momentum).__name__} (the "
+            "modules' momentum=None, a cumulative average, has no functional equivalent)"
+        )
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
@@ -78,7 +86,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     _check_input_dtype(fn, input)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
-    if eps < 0:
+    if not eps >= 0:  # NaN too
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if not training and running_mean is None:
         raise RuntimeError("running_mean must be defined in evaluation mode")

@@ -4,6 +4,7 @@ registrations. Importing this module loads the compiled library, which registers
 from __future__ import annotations
 
 import torch
+import torch._prims_common
 
 from . import _C  # noqa: F401  (loads the library: runs TORCH_LIBRARY registrations)
 
@@ -142,6 +143,10 @@ def _bn_like(x):
         spatial *= s
     if (spatial == 1 or not x.is_contiguous() or x.numel() == 0) and _is_channels_last_like(x):
         return torch.empty_like(x)
+    if x.dim() >= 4 and not x.is_contiguous():
+        fmt = torch._prims_common.suggest_memory_format(x)
+        if fmt != torch.contiguous_format:
+            return x.new_empty(x.shape).contiguous(memory_format=fmt)
     return x.new_empty(x.shape)
 
 
