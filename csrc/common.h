@@ -5,7 +5,9 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <c10/core/DeviceType.h>
 #include <c10/util/Optional.h>
+#include <c10/util/accumulate.h>
 
 namespace normext {
 
@@ -151,6 +153,72 @@ inline void check_bn_bwd_args(const at::Tensor& grad_out, const at::Tensor& inpu
                 ": save_mean/save_invstd must be ", acc, " tensors of ", C,
                 " elements on the input's device, as batch_norm_fwd returns them");
   }
+}
+
+}  // namespace normext
+
+namespace normext {
+
+// ---- LayerNorm argument checks, the same on every backend -------------------------------------
+
+// LayerNorm sees x as (m, n): n is the product of the last normalized_ndim sizes (those from
+// `axis` on), m the product of the others.
+struct LnShape {
+  int64_t axis;  // first normalized dim
+  int64_t m;     // rows
+  int64_t n;     // values per row
+};
+
+// A backend that serves one device type passes it as `device_type` (the CUDA one: kCUDA): an input
+// on another device is refused, after the dtype check and before the shape checks.
+inline void check_ln_input(const at::Tensor& x, int64_t ndim, const char* op,
+                           c10::optional<c10::DeviceType> device_type) {
+  check_floating_input(x, op);
+  if (device_type.has_value())
+    TORCH_CHECK(x.device().type() == *device_type, op, ": expected a ",
+                c10::DeviceTypeName(*device_type), " input, but it is on ", x.device());
+  TORCH_CHECK(ndim >= 1 && ndim <= x.dim(), op, ": normalized_ndim must be in [1, ", x.dim(),
+              "] for an input of shape ", x.sizes(), ", but got ", ndim);
+}
+
+inline LnShape ln_shape(const at::Tensor& x, int64_t ndim) {
+  const auto sizes = x.sizes();
+  const int64_t axis = x.dim() - ndim;
+  return {axis, c10::multiply_integers(sizes.begin(), sizes.begin() + axis),
+          c10::multiply_integers(sizes.begin() + axis, sizes.end())};
+}
+
+inline LnShape check_ln_fwd_args(const at::Tensor& input, int64_t normalized_ndim,
+                                 const c10::optional<at::Tensor>& weight,
+                                 const c10::optional<at::Tensor>& bias, const char* op,
+                                 c10::optional<c10::DeviceType> device_type = c10::nullopt) {
+  check_ln_input(input, normalized_ndim, op, device_type);
+  const LnShape shape = ln_shape(input, normalized_ndim);
+  check_param(weight, input, shape.n, op, "weight");
+  check_param(bias, input, shape.n, op, "bias");
+  return shape;
+}
+
+inline LnShape check_ln_bwd_args(const at::Tensor& grad_out, const at::Tensor& input,
+                                 int64_t normalized_ndim, const at::Tensor& mean,
+                                 const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
+                                 const char* op,
+                                 c10::optional<c10::DeviceType> device_type = c10::nullopt) {
+  check_ln_input(input, normalized_ndim, op, device_type);
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), op, ": grad_out has shape ", grad_out.sizes(),
+              " but input has shape ", input.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), op, ": grad_out has dtype ",
+              grad_out.scalar_type(), " but input has dtype ", input.scalar_type());
+  TORCH_CHECK(grad_out.device() == input.device(), op, ": grad_out is on ", grad_out.device(),
+              " but input is on ", input.device());
+  const LnShape shape = ln_shape(input, normalized_ndim);
+  check_param(weight, input, shape.n, op, "weight");
+  const auto acc = acc_dtype(input.scalar_type());
+  for (const at::Tensor* t : {&mean, &rstd})
+    TORCH_CHECK(t->numel() == shape.m && t->scalar_type() == acc && t->device() == input.device(),
+                op, ": mean/rstd must be ", acc, " tensors of ", shape.m,
+                " elements on the input's device, as layer_norm_fwd returns them");
+  return shape;
 }
 
 }  // namespace normext

@@ -1,7 +1,10 @@
-"""Shared pieces of the CPU test suite: the tolerance table, input layouts and the comparison
-against torch.nn. Test files import them with ``from conftest import ...``."""
+"""Shared pieces of the test suite (the CPU tests and the CUDA ones): the tolerance table, input
+layouts and the comparison against torch.nn. Test files import them with
+``from conftest import ...``."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -73,13 +76,22 @@ LAYOUTS = ["contiguous", "sliced", "transposed", "broadcast"]
 
 
 def make_input(
-    shape, dtype, layout: str = "contiguous", *, scale: float = 1.0, offset: float = 0.0
+    shape,
+    dtype,
+    layout: str = "contiguous",
+    *,
+    scale: float = 1.0,
+    offset: float = 0.0,
+    device: torch.device | str = "cpu",
 ):
-    """Returns (base, view): a tensor ``base`` of random values and a function ``view`` that makes
-    from it (or from a copy of it in another dtype) an input of the given shape and layout:
-    contiguous; sliced (every other element of a larger tensor, at an offset); transposed (all dims
-    reversed in memory); broadcast (stride 0 along dim 0); channels_last / channels_last_3d.
-    Gradients are read from the base."""
+    """Returns (base, view): a tensor ``base`` of random values on ``device`` and a function
+    ``view`` that makes from it (or from a copy of it in another dtype) an input of the given shape
+    and layout: contiguous; sliced (every other element of a larger tensor, at an offset);
+    transposed (all dims reversed in memory); broadcast (stride 0 along dim 0); channels_last
+    (channels_last for 4-D, channels_last_3d for 5-D, the (N, L, C) memory order for 3-D; 2-D is
+    contiguous, already channels-last); channels_last_3d; misaligned (contiguous, starting one
+    element past the start of its storage, so off a 16-byte boundary). Gradients are read from
+    the base."""
     shape = tuple(shape)
     views = {
         "contiguous": (shape, lambda b: b),
@@ -88,12 +100,16 @@ def make_input(
         "broadcast": ((1, *shape[1:]), lambda b: b.expand(shape)),
         "channels_last": (shape, lambda b: b),
         "channels_last_3d": (shape, lambda b: b),
+        "misaligned": ((math.prod(shape) + 1,), lambda b: b[1:].view(shape)),
     }
     base_shape, view = views[layout]
-    base = (torch.randn(base_shape, dtype=torch.float64) * scale + offset).to(dtype)
-    if layout.startswith("channels_last"):
-        fmt = torch.channels_last if layout == "channels_last" else torch.channels_last_3d
-        base = base.contiguous(memory_format=fmt)
+    base = (torch.randn(base_shape, dtype=torch.float64, device=device) * scale + offset).to(dtype)
+    if layout == "channels_last_3d" or (layout == "channels_last" and len(shape) == 5):
+        base = base.contiguous(memory_format=torch.channels_last_3d)
+    elif layout == "channels_last" and len(shape) == 4:
+        base = base.contiguous(memory_format=torch.channels_last)
+    elif layout == "channels_last" and len(shape) == 3:
+        base = base.transpose(1, 2).contiguous().transpose(1, 2)
     assert view(base).shape == shape
     return base, view
 

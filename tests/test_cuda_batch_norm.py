@@ -12,6 +12,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import (
+    DTYPES,
+    HALF,
+    TOL,
+    check,
+    compare_runs,
+    forward_backward,
+    make_input,
+    same_strides,
+)
 from torch import nn
 
 import normext
@@ -27,124 +37,11 @@ pytestmark = [
 ]
 
 DEV = "cuda"
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-HALF = (torch.bfloat16, torch.float16)
 
-# ---- tolerances ---------------------------------------------------------------------------------
-# float64: compared with torch.nn in float64. float32/bfloat16/float16: normext and torch are both
-# measured against a float64 reference computed from the same rounded inputs, and normext may be
-# off by at most REF_ERR_MULT x torch's own largest error plus atol + rtol * |reference| (so the
-# bound means "no worse than torch", with a floor where torch happens to be exact). Backward is
-# looser than forward: each gradient sums over the whole channel (N x spatial values), and dx
-# subtracts nearly equal terms (dy - mean(dy) - xhat * mean(dy * xhat)).
-TOL = {
-    torch.float32: {"fwd": {"atol": 1e-5, "rtol": 1e-5}, "bwd": {"atol": 1e-4, "rtol": 1e-4}},
-    torch.float64: {"fwd": {"atol": 1e-12, "rtol": 1e-12}, "bwd": {"atol": 1e-10, "rtol": 1e-10}},
-    torch.bfloat16: {"fwd": {"atol": 1e-2, "rtol": 0}, "bwd": {"atol": 5e-2, "rtol": 0}},
-    torch.float16: {"fwd": {"atol": 2e-3, "rtol": 0}, "bwd": {"atol": 1e-2, "rtol": 0}},
-}
-REF_ERR_MULT = 2.0
-
-
-def check(name, actual, expected, ref, dtype, kind):
-    """normext's ``actual`` against torch's ``expected`` (same dtype, shape), measured against the
-    float64 ``ref`` for float32/half inputs (see TOL)."""
-    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
-    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
-    if not actual.is_floating_point():
-        torch.testing.assert_close(actual, expected, atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
-        return
-    tol = TOL[dtype][kind]
-    if dtype == torch.float64 or ref is None:
-        torch.testing.assert_close(
-            actual, expected, **tol, equal_nan=True, msg=lambda m: f"{name} ({dtype}): {m}"
-        )
-        return
-    ref = ref.double()
-    diff = (expected.double() - ref).abs().nan_to_num(0)
-    torch_err = diff.max().item() if diff.numel() else 0.0
-    torch.testing.assert_close(
-        actual.double(),
-        ref,
-        atol=REF_ERR_MULT * torch_err + tol["atol"],
-        rtol=tol["rtol"],
-        equal_nan=True,
-        msg=lambda m: f"{name} ({dtype}, torch's own error {torch_err:.3g}): {m}",
-    )
-
-
-# ---- inputs -------------------------------------------------------------------------------------
+# conftest.make_input's layouts, plus the CUDA-specific ones: channels_last (channels_last_3d for
+# 5-D, the (N, S, C) layout for 3-D) and misaligned (off a 16-byte boundary: scalar loads).
+# Tolerances, the comparison with torch and a float64 reference, and the seed: conftest.
 LAYOUTS = ["contiguous", "channels_last", "sliced", "transposed", "broadcast", "misaligned"]
-
-
-def make_input(shape, dtype, layout="contiguous", *, scale=1.0, offset=0.0):
-    """Returns (base, view): random CUDA values ``base`` and a function making from it (or from a
-    copy of it) an input of ``shape`` in ``layout``: contiguous; channels_last (channels_last_3d
-    for 5-D, the (N, S, C) layout for 3-D); sliced (every other element of a larger tensor, at an
-    offset); transposed (all dims reversed in memory); broadcast (stride 0 along dim 0);
-    misaligned (contiguous, starting one element past a 16-byte boundary)."""
-    shape = tuple(shape)
-    numel = 1
-    for s in shape:
-        numel *= s
-    views = {
-        "contiguous": (shape, lambda b: b),
-        "channels_last": (shape, lambda b: b),
-        "sliced": ((shape[0] + 1, *shape[1:-1], 2 * shape[-1] + 1), lambda b: b[1:, ..., 1::2]),
-        "transposed": (shape[::-1], lambda b: b.permute(*reversed(range(b.dim())))),
-        "broadcast": ((1, *shape[1:]), lambda b: b.expand(shape)),
-        "misaligned": ((numel + 1,), lambda b: b[1:].view(shape)),
-    }
-    base_shape, view = views[layout]
-    base = (torch.randn(base_shape, dtype=torch.float64, device=DEV) * scale + offset).to(dtype)
-    if layout == "channels_last":
-        if len(shape) == 4:
-            base = base.contiguous(memory_format=torch.channels_last)
-        elif len(shape) == 5:
-            base = base.contiguous(memory_format=torch.channels_last_3d)
-        elif len(shape) == 3:
-            base = base.transpose(1, 2).contiguous().transpose(1, 2)
-    assert view(base).shape == shape
-    return base, view
-
-
-def forward_backward(fn, base, view, dy, params=(), buffers=(), dtype=None):
-    """y = fn(view(base'), *params', *buffers') on fresh copies (cast to ``dtype`` if given), then
-    y.backward(dy'). Returns (y, base'.grad, [param'.grad], [buffer' after the call])."""
-
-    def copy(t):
-        if t is None:
-            return None
-        t = t.detach()
-        return (t.to(dtype) if dtype is not None else t).clone()
-
-    b = copy(base).requires_grad_(True)
-    ps = [None if p is None else copy(p).requires_grad_(True) for p in params]
-    bufs = [copy(t) for t in buffers]
-    y = fn(view(b), *ps, *bufs)
-    y.backward(copy(dy))
-    return y.detach(), b.grad, [None if p is None else p.grad for p in ps], bufs
-
-
-def compare_runs(ours, theirs, ref, dtype):
-    y, gx, gp, bufs = ours
-    ty, tgx, tgp, tbufs = theirs
-    ry, rgx, rgp, _ = ref if ref is not None else (None, None, [None] * len(gp), None)
-    check("output", y, ty, ry, dtype, "fwd")
-    check("input grad", gx, tgx, rgx, dtype, "bwd")
-    for name, g, tg, rg in zip(("weight", "bias"), gp, tgp, rgp):
-        assert (g is None) == (tg is None), name
-        if g is not None:
-            check(f"{name} grad", g, tg, rg, dtype, "bwd")
-    for i, (b, tb) in enumerate(zip(bufs, tbufs)):
-        if b is not None:
-            check(f"running stat {i}", b, tb, None, b.dtype, "fwd")
-
-
-def same_strides(a, b):
-    return a.shape == b.shape and all(
-        sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1
-    )
 
 
 def run_bn(
@@ -162,7 +59,7 @@ def run_bn(
     offset=0.0,
 ):
     """normext vs torch (and a float64 reference) on CUDA: output, grads, running statistics."""
-    base, view = make_input(shape, dtype, layout, scale=scale, offset=offset)
+    base, view = make_input(shape, dtype, layout, scale=scale, offset=offset, device=DEV)
     c = shape[1]
     pdt = param_dtype or dtype
     w = torch.randn(c, dtype=pdt, device=DEV) if affine else None
@@ -190,11 +87,6 @@ def run_bn(
     else:
         assert same_strides(ours[0], theirs[0]), (ours[0].stride(), theirs[0].stride())
     return ours, theirs, ref
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
 
 
 # ---- shapes, dtypes, layouts --------------------------------------------------------------------
@@ -345,7 +237,7 @@ def test_module_training_steps(cls_name, shape, layout, dtype, module_dtype, mom
         training = step < steps
         ours.train(training)
         theirs.train(training)
-        base, view = make_input(shape, dtype, layout, scale=1 + step, offset=step - 1.0)
+        base, view = make_input(shape, dtype, layout, scale=1 + step, offset=step - 1.0, device=DEV)
         dy = torch.randn(shape, dtype=dtype, device=DEV)
         for m in (ours, theirs):
             m.zero_grad()
@@ -380,7 +272,7 @@ def test_module_training_steps(cls_name, shape, layout, dtype, module_dtype, mom
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_opcheck(layout, dtype):
     """torch.library.opcheck (schema, fake tensors, autograd registration, AOT dispatch) on CUDA."""
-    base, view = make_input((4, 6, 5, 3), dtype, layout)
+    base, view = make_input((4, 6, 5, 3), dtype, layout, device=DEV)
     x = view(base).detach().requires_grad_(True)
     acc = torch.float32
     w = torch.randn(6, device=DEV, dtype=acc if dtype in HALF else dtype, requires_grad=True)
@@ -417,7 +309,7 @@ def test_compile_fullgraph(momentum, layout):
         training = step < 2
         eager.train(training)
         compiled_model.train(training)
-        base, view = make_input((4, 3, 9, 10), torch.float32, layout)
+        base, view = make_input((4, 3, 9, 10), torch.float32, layout, device=DEV)
         x = view(base)
         ye = eager(x)
         yc = compiled(x)
@@ -449,7 +341,7 @@ def test_compile_fullgraph(momentum, layout):
 def test_deterministic(shape, layout, dtype):
     """Two runs give bitwise-equal outputs, saved statistics, grads and running statistics (no
     floating-point atomics; the merge order depends only on the shape and the device)."""
-    base, view = make_input(shape, dtype, layout)
+    base, view = make_input(shape, dtype, layout, device=DEV)
     c = shape[1]
     w, b = torch.randn(c, dtype=dtype, device=DEV), torch.randn(c, dtype=dtype, device=DEV)
     stats = (torch.zeros(c, dtype=dtype, device=DEV), torch.ones(c, dtype=dtype, device=DEV))
@@ -485,7 +377,7 @@ CONSTANT_CASES = [
 def test_constant_channel_is_exactly_zero(shape, layout, value, dtype):
     """A constant channel normalizes to exactly 0 (exactly bias with affine), never NaN, also when
     its values are spread over many blocks; its grads are finite."""
-    base, view = make_input(shape, dtype, layout)
+    base, view = make_input(shape, dtype, layout, device=DEV)
     with torch.no_grad():
         base[:, 1] = value
     y = NF.batch_norm(view(base), None, None, training=True)
@@ -518,7 +410,7 @@ def test_large_offset_is_stable(shape, layout):
     """float32 channels with mean 1e4 and std 1e-2 (up to 2 million values per channel): the
     statistics do not cancel. Against a float64 reference from the same float32 inputs: var and
     invstd to 1e-4 relative; the mean and the output to what rounding the mean to float32 costs."""
-    base, view = make_input(shape, torch.float32, layout, scale=1e-2, offset=1e4)
+    base, view = make_input(shape, torch.float32, layout, scale=1e-2, offset=1e4, device=DEV)
     x = view(base)
     y, mean, invstd, var = torch.ops.normext.batch_norm_fwd(x, None, None, None, None, True, 1e-5)
     x64 = x.double()
@@ -547,7 +439,7 @@ def test_saved_statistics(layout, dtype):
     """save_mean/save_invstd/batch_var are (C,) and float32 for half inputs (float64 for float64);
     batch_var is empty in eval; weight/bias grads are (C,) in that dtype, or empty when not asked."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    base, view = make_input((4, 3, 5, 7), dtype, layout)
+    base, view = make_input((4, 3, 5, 7), dtype, layout, device=DEV)
     x = view(base)
     w = torch.randn(3, dtype=dtype, device=DEV)
     y, mean, invstd, var = torch.ops.normext.batch_norm_fwd(x, w, None, None, None, True, 1e-5)
@@ -598,7 +490,7 @@ def test_saved_statistics(layout, dtype):
 def test_ops_match_cpu(shape, layout, mask, training, dtype):
     """The CUDA ops against normext's CPU ops (the same formulas, computed independently): every
     output of batch_norm_fwd, and batch_norm_bwd for every output_mask, in train and eval."""
-    base, view = make_input(shape, dtype, layout)
+    base, view = make_input(shape, dtype, layout, device=DEV)
     x = view(base)
     c = shape[1]
     pdt = torch.float32 if dtype in HALF else dtype
@@ -646,7 +538,7 @@ def test_ops_match_cpu(shape, layout, mask, training, dtype):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_nonfinite_propagates(layout, training, bad, dtype):
     """NaN/Inf in one channel: NaN/Inf where torch has them; the other channels untouched."""
-    base, view = make_input((4, 3, 5, 8), dtype, layout)
+    base, view = make_input((4, 3, 5, 8), dtype, layout, device=DEV)
     with torch.no_grad():
         base[2, 1, 3, 4] = bad
     x = view(base).detach()

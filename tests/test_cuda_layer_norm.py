@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DTYPES, HALF, REF_ERR_MULT, TOL
 
 import normext
 from normext import functional as NF
@@ -30,23 +31,15 @@ pytestmark = [
 ]
 
 DEVICE = "cuda"
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-HALF = (torch.bfloat16, torch.float16)
 
 # ---- tolerances ---------------------------------------------------------------------------------
-# normext and torch are both measured against a float64 reference computed from the same (already
-# rounded) inputs; normext may be off by at most ERR_MULT x torch's own largest error in that
-# dtype, plus FLOOR[dtype][kind] x max(1, max |reference|) (flash-attention style).
+# conftest's table, applied LayerNorm-style: normext and torch are both measured against a float64
+# reference computed from the same (already rounded) inputs; normext may be off by at most
+# REF_ERR_MULT x torch's own largest error in that dtype, plus TOL[dtype][kind]["atol"] x
+# max(1, max |reference|) (flash-attention style; float64 included, rtol unused).
 # Backward is looser than forward: every gradient is a sum over a whole row (dx, through mean(g)
 # and mean(g * xhat)) or over all rows (dweight, dbias), so rounding grows with the sizes, and
 # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) subtracts nearly equal terms.
-ERR_MULT = 2.0
-FLOOR = {
-    torch.float32: {"fwd": 1e-5, "bwd": 1e-4},
-    torch.float64: {"fwd": 1e-12, "bwd": 1e-10},
-    torch.bfloat16: {"fwd": 1e-2, "bwd": 5e-2},
-    torch.float16: {"fwd": 2e-3, "bwd": 1e-2},
-}
 
 # 1 and 7: shorter than a vector; 1023, 1025, 4097: single values (not a multiple of the vector
 # width), in registers then long-row; 1024, 8192, 16384: vectors in registers at the class edges;
@@ -60,8 +53,10 @@ def _rows_for(hidden: int) -> int:
 
 
 def check(name, actual, expected, ref, dtype, kind):
-    """normext's ``actual`` against the float64 ``ref``, allowed ERR_MULT x the error of torch's
-    ``expected`` (same dtype and shape as ``actual``) plus the floor."""
+    """normext's ``actual`` against the float64 ``ref``, allowed REF_ERR_MULT x the error of
+    torch's ``expected`` (same dtype, shape and device as ``actual``) plus the floor (see above).
+    Unlike conftest.check, float64 is measured against the reference too, and the floor scales
+    with the largest reference value rather than with each element."""
     assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
     assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
     assert actual.device == expected.device, f"{name}: device {actual.device} != {expected.device}"
@@ -70,7 +65,7 @@ def check(name, actual, expected, ref, dtype, kind):
         return
     torch_err = (expected.double() - ref).abs().nan_to_num(0).max().item()
     scale = max(1.0, ref.abs().nan_to_num(0).max().item())
-    atol = ERR_MULT * torch_err + FLOOR[dtype][kind] * scale
+    atol = REF_ERR_MULT * torch_err + TOL[dtype][kind]["atol"] * scale
     torch.testing.assert_close(
         actual.double(),
         ref,

@@ -209,23 +209,12 @@ void launch_bwd(LayerNormBwdParams<T, A> p, A* dweight, A* dbias, const at::Tens
   reduce(in_dw, in_db, dweight, dbias, parts, parts);
 }
 
-void check_ln_input(const at::Tensor& x, int64_t ndim, const char* op) {
-  check_floating_input(x, op);
-  TORCH_CHECK(x.is_cuda(), op, ": expected a CUDA input, but it is on ", x.device());
-  TORCH_CHECK(ndim >= 1 && ndim <= x.dim(), op, ": normalized_ndim must be in [1, ", x.dim(),
-              "] for an input of shape ", x.sizes(), ", but got ", ndim);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
     const at::Tensor& input, int64_t normalized_ndim, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, double eps) {
-  const char* op = "normext::layer_norm_fwd";
-  check_ln_input(input, normalized_ndim, op);
-  const int64_t axis = input.dim() - normalized_ndim;
-  const int64_t M = c10::multiply_integers(input.sizes().begin(), input.sizes().begin() + axis);
-  const int64_t N = c10::multiply_integers(input.sizes().begin() + axis, input.sizes().end());
-  check_param(weight, input, N, op, "weight");
-  check_param(bias, input, N, op, "bias");
+  const LnShape ln =
+      check_ln_fwd_args(input, normalized_ndim, weight, bias, "normext::layer_norm_fwd", at::kCUDA);
+  const int64_t axis = ln.axis, M = ln.m, N = ln.n;
   const c10::cuda::CUDAGuard guard(input.device());
   const auto acc = acc_dtype(input.scalar_type());
   at::Tensor x = input.contiguous();
@@ -271,23 +260,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
     const at::Tensor& grad_out, const at::Tensor& input, int64_t normalized_ndim,
     const at::Tensor& mean, const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
     std::array<bool, 3> mask) {
-  const char* op = "normext::layer_norm_bwd";
-  check_ln_input(input, normalized_ndim, op);
-  TORCH_CHECK(grad_out.sizes() == input.sizes(), op, ": grad_out has shape ", grad_out.sizes(),
-              " but input has shape ", input.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), op, ": grad_out has dtype ",
-              grad_out.scalar_type(), " but input has dtype ", input.scalar_type());
-  TORCH_CHECK(grad_out.device() == input.device(), op, ": grad_out is on ", grad_out.device(),
-              " but input is on ", input.device());
-  const int64_t axis = input.dim() - normalized_ndim;
-  const int64_t M = c10::multiply_integers(input.sizes().begin(), input.sizes().begin() + axis);
-  const int64_t N = c10::multiply_integers(input.sizes().begin() + axis, input.sizes().end());
-  check_param(weight, input, N, op, "weight");
+  const LnShape ln = check_ln_bwd_args(grad_out, input, normalized_ndim, mean, rstd, weight,
+                                       "normext::layer_norm_bwd", at::kCUDA);
+  const int64_t axis = ln.axis, M = ln.m, N = ln.n;
   const auto acc = acc_dtype(input.scalar_type());
-  for (const at::Tensor* t : {&mean, &rstd})
-    TORCH_CHECK(t->numel() == M && t->scalar_type() == acc && t->device() == input.device(), op,
-                ": mean/rstd must be ", acc, " tensors of ", M,
-                " elements on the input's device, as layer_norm_fwd returns them");
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor x = input.contiguous(), dy = grad_out.contiguous();
   at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
