@@ -11,9 +11,10 @@
 //   planar (NCHW):  units are (n, c) planes, cut into segments when huge; threads take whole
 //                   channels (C >= kTasks) or ranges of units; results merge per channel in
 //                   order of n (planar_reduce).
-//   channels-last:  fixed blocks of rows, grouped into at most kTasks tasks by shape alone; each
-//                   block is walked one tile of channels at a time with the accumulators in
-//                   registers; task results are merged per channel in task order.
+//   channels-last:  blocks of rows (about 64 KB each) of groups of up to 1024 channels, grouped
+//                   into at most kTasks tasks by shape alone; rows stream past in memory order
+//                   with per-channel accumulators in L1; task results merge per channel in task
+//                   order.
 // Both merge orders depend only on the shape, so results are bitwise reproducible whatever the
 // number of threads. Training forward reads x twice (statistics, then y) and backward reads
 // x and dy twice (sums, then dx).
@@ -38,12 +39,17 @@ constexpr int64_t kTasks = 64;
 //
 // planar: the N*C planes of S values are cut into segments of at most kSeg values, so that a
 //   few huge planes still spread over all threads; unit u is segment u % segs of plane u / segs.
-// channels-last: the R = N*S rows are cut into blocks of kBlockRows rows, grouped into at most
-//   kTasks tasks; task t takes blocks [t*blocks/tasks, (t+1)*blocks/tasks).
-// Both depend on the shape alone.
+// channels-last: R = N*S rows of C values. The columns are cut into groups of at most
+//   kGroupCols (a group's per-column accumulators stay in L1), the rows into blocks of rb rows
+//   holding about kBlockBytes of a group (a block stays in L2 between the two statistics passes;
+//   after a task's first block, its running means are the shifts and one pass suffices).
+//   The blocks go to at most kTasks tasks, contiguous in row order; a work unit is one task's
+//   blocks for one column group, walked in row order.
+// Both depend on the shape (and the element size) alone.
 
 constexpr int64_t kSeg = 1 << 16;
-constexpr int64_t kBlockRows = 128;
+constexpr int64_t kGroupCols = 1024;
+constexpr int64_t kBlockBytes = 256 << 10;
 
 struct Planar {
   int64_t N, S, C, segs, units;
@@ -56,129 +62,179 @@ struct Planar {
   int64_t length(int64_t u) const { return std::min(kSeg, S - (u % segs) * kSeg); }
 };
 
-struct RowBlocks {
-  int64_t R, rb, blocks, tasks;
-  explicit RowBlocks(int64_t rows) : R(rows), rb(kBlockRows) {
+struct RowGrid {
+  int64_t R, C, width, groups, rb, blocks, tasks;
+  RowGrid(const BnShape& sh, int64_t elem_size) : R(sh.n * sh.s), C(sh.c) {
+    width = std::max<int64_t>(1, std::min(C, kGroupCols));
+    groups = (C + width - 1) / width;
+    rb = std::max<int64_t>(8, kBlockBytes / (width * elem_size));
     blocks = (R + rb - 1) / rb;
     tasks = std::max<int64_t>(1, std::min(blocks, kTasks));
   }
+  int64_t units() const { return tasks * groups; }
   int64_t first_block(int64_t t) const { return t * blocks / tasks; }
   int64_t row0(int64_t b) const { return b * rb; }
   int64_t row1(int64_t b) const { return std::min(R, (b + 1) * rb); }
+  int64_t col0(int64_t g) const { return g * width; }
+  int64_t col1(int64_t g) const { return std::min(C, (g + 1) * width); }
+  // rows of the blocks of task t
+  int64_t task_rows(int64_t t) const {
+    return std::min(R, first_block(t + 1) * rb) - std::min(R, first_block(t) * rb);
+  }
 };
 
-// Column tiles of a row block: kTileVecs vectors wide, so a tile's accumulators stay in
-// registers while the block's rows stream past (a tile of a block is at most 16 KB, and both
-// statistics passes find it in L1). Columns past the last whole tile go one at a time.
-constexpr int kTileVecs = 4;
+// Per-column moments of a set of column groups that share one count n: the channels-last
+// accumulators. A block's (or task's) moments merge in with Chan et al.'s formula, whose
+// coefficients depend on the two counts alone, so they are computed once per merge and the
+// per-column work is a few multiplications (no division per column).
+struct ColMoments {
+  double n = 0;
+  double* mean;  // [width]
+  double* m2;    // [width]
 
+  // Merge columns [0, w) of group moments (n_b, mean_b, m2_b).
+  void merge(int64_t w, double n_b, const double* mean_b, const double* m2_b) {
+    if (n_b == 0) return;
+    if (n == 0) {
+      std::copy(mean_b, mean_b + w, mean);
+      std::copy(m2_b, m2_b + w, m2);
+      n = n_b;
+      return;
+    }
+    const double tot = n + n_b, wb = n_b / tot, f = n * n_b / tot, wa = n / tot;
+    for (int64_t j = 0; j < w; ++j) {
+      const double delta = mean_b[j] - mean[j];
+      if (std::isfinite(mean[j]) && std::isfinite(mean_b[j])) {
+        mean[j] += delta * wb;
+        m2[j] += m2_b[j] + delta * delta * f;
+      } else {  // Inf/NaN combine as in a plain sum (see Moments::merge)
+        mean[j] = mean[j] * wa + mean_b[j] * wb;
+        m2[j] += m2_b[j];
+      }
+    }
+    n = tot;
+  }
+
+  // The pass-2 shifts for n rows joining these moments: the running means rounded to A, as
+  // running_shift (vec_utils.h) takes them for planar spans; false where pass 1 must run.
+  template <typename A>
+  bool running_shift(int64_t w, int64_t n_b, A* m) const {
+    if (n < static_cast<double>(n_b)) return false;
+    for (int64_t j = 0; j < w; ++j) {
+      m[j] = static_cast<A>(mean[j]);
+      if (!std::isfinite(m[j])) return false;
+    }
+    return true;
+  }
+};
+
+// Row-major loops over a block of rows of one column group, vectorized over the columns; the
+// per-column accumulators live in small arrays (L1) while the rows stream past in memory order.
+// `p` points at the block's first row, `ld` is the row stride (C), `w` the group's width.
 template <typename T>
-struct Tile {
+struct Block {
   using P = VecPair<T>;
   using A = typename P::A;
   using V = typename P::V;
-  static constexpr int64_t kWidth = kTileVecs * V::size();
+  static constexpr int64_t kStep = P::kStep;
+  static constexpr int64_t h = V::size();
 
-  static inline void load(const T* p, V (&v)[kTileVecs]) {
-    P::load(p, v[0], v[1]);
-    P::load(p + P::kStep, v[2], v[3]);
-  }
-
-  // Moments of columns [j, j + kWidth) (or the single column j when `single`) over rows
-  // [r0, r1), merged into out[0 .. width).
-  static void moments(const T* x, int64_t C, int64_t r0, int64_t r1, int64_t j, Moments* out) {
-    const int64_t n = r1 - r0;
-    V x0[kTileVecs], v[kTileVecs], s[kTileVecs], m[kTileVecs], q[kTileVecs];
-    load(x + r0 * C + j, x0);
-    for (int k = 0; k < kTileVecs; ++k) s[k] = V(A(0));
-    for (int64_t r = r0; r < r1; ++r) {
-      load(x + r * C + j, v);
-      for (int k = 0; k < kTileVecs; ++k) s[k] += v[k] - x0[k];
+  // Pass 1 over the n rows of columns [0, w): each column's shift m = x0 + sum(x - x0) / n
+  // (x0 its first value; exactly x0 for a constant column), or its plain mean if that is not
+  // finite (see span_shift). s is scratch.
+  static void shift(const T* p, int64_t ld, int64_t n, int64_t w, A* m, A* s) {
+    const int64_t wv = w - w % kStep;
+    for (int64_t j = 0; j < wv; j += kStep) {
+      V a, b;
+      P::load(p + j, a, b);
+      a.store(m + j);
+      b.store(m + j + h);
     }
-    const V inv_n(A(1) / static_cast<A>(n));
-    A mb[kWidth], sb[kWidth], qb[kWidth];
+    for (int64_t j = wv; j < w; ++j) m[j] = static_cast<A>(p[j]);
+    std::fill(s, s + w, A(0));
+    for (int64_t r = 1; r < n; ++r) {
+      const T* row = p + r * ld;
+      for (int64_t j = 0; j < wv; j += kStep) {
+        V a, b;
+        P::load(row + j, a, b);
+        (V::loadu(s + j) + (a - V::loadu(m + j))).store(s + j);
+        (V::loadu(s + j + h) + (b - V::loadu(m + j + h))).store(s + j + h);
+      }
+      for (int64_t j = wv; j < w; ++j) s[j] += static_cast<A>(row[j]) - m[j];
+    }
+    const A inv_n = A(1) / static_cast<A>(n);
     bool finite = true;
-    for (int k = 0; k < kTileVecs; ++k) {
-      m[k] = at::vec::fmadd(s[k], inv_n, x0[k]);  // exactly x0 for a constant column
-      m[k].store(mb + k * V::size());
-      s[k] = V(A(0));
-      q[k] = V(A(0));
+    for (int64_t j = 0; j < w; ++j) {
+      m[j] = m[j] + s[j] * inv_n;
+      finite = finite && std::isfinite(m[j]);
     }
-    for (int64_t i = 0; i < kWidth; ++i) finite = finite && std::isfinite(mb[i]);
-    if (!finite) {  // an Inf or NaN in some column: its shift is the plain mean (see span_shift)
-      for (int64_t i = 0; i < kWidth; ++i)
-        if (!std::isfinite(mb[i])) mb[i] = plain_mean(x + r0 * C + j + i, n, C);
-      for (int k = 0; k < kTileVecs; ++k) m[k] = V::loadu(mb + k * V::size());
-    }
-    for (int64_t r = r0; r < r1; ++r) {
-      load(x + r * C + j, v);
-      for (int k = 0; k < kTileVecs; ++k) {
-        const V d = v[k] - m[k];
-        s[k] += d;
-        q[k] = at::vec::fmadd(d, d, q[k]);
+    if (!finite)
+      for (int64_t j = 0; j < w; ++j)
+        if (!std::isfinite(m[j])) m[j] = plain_mean(p + j, n, ld);
+  }
+
+  // Pass 2: the moments of the n rows of columns [0, w) from the sums of d = x - m and d^2 (the
+  // block is in L2 after pass 1), into (mean_b, m2_b) in double. s and q are scratch.
+  static void moments(const T* p, int64_t ld, int64_t n, int64_t w, const A* m, A* s, A* q,
+                      double* mean_b, double* m2_b) {
+    const int64_t wv = w - w % kStep;
+    std::fill(s, s + w, A(0));
+    std::fill(q, q + w, A(0));
+    for (int64_t r = 0; r < n; ++r) {
+      const T* row = p + r * ld;
+      for (int64_t j = 0; j < wv; j += kStep) {
+        V a, b;
+        P::load(row + j, a, b);
+        const V da = a - V::loadu(m + j), db = b - V::loadu(m + j + h);
+        (V::loadu(s + j) + da).store(s + j);
+        (V::loadu(s + j + h) + db).store(s + j + h);
+        at::vec::fmadd(da, da, V::loadu(q + j)).store(q + j);
+        at::vec::fmadd(db, db, V::loadu(q + j + h)).store(q + j + h);
+      }
+      for (int64_t j = wv; j < w; ++j) {
+        const A d = static_cast<A>(row[j]) - m[j];
+        s[j] += d;
+        q[j] += d * d;
       }
     }
-    for (int k = 0; k < kTileVecs; ++k) {
-      s[k].store(sb + k * V::size());
-      q[k].store(qb + k * V::size());
+    const double inv_n = 1.0 / static_cast<double>(n);
+    for (int64_t j = 0; j < w; ++j) {  // moments_from, with 1/n once
+      const double dm = s[j] * inv_n;
+      mean_b[j] = std::isfinite(m[j]) ? m[j] + dm : m[j];
+      const double m2 = q[j] - s[j] * dm;
+      m2_b[j] = m2 < 0 ? 0 : m2;
     }
-    for (int64_t i = 0; i < kWidth; ++i) out[i].merge(moments_from(mb[i], sb[i], qb[i], n));
   }
 
-  static void moments1(const T* x, int64_t C, int64_t r0, int64_t r1, int64_t j, Moments* out) {
-    const int64_t n = r1 - r0;
-    const A x0 = static_cast<A>(x[r0 * C + j]);
-    A s = 0, q = 0;
-    for (int64_t r = r0; r < r1; ++r) s += static_cast<A>(x[r * C + j]) - x0;
-    A m = x0 + s / static_cast<A>(n);
-    if (!std::isfinite(m)) m = plain_mean(x + r0 * C + j, n, C);
-    s = 0;
-    for (int64_t r = r0; r < r1; ++r) {
-      const A d = static_cast<A>(x[r * C + j]) - m;
-      s += d;
-      q += d * d;
-    }
-    out->merge(moments_from(m, s, q, n));
-  }
-
-  // s1 += sum(dy), s2 += sum(dy * (x - mean)) for columns [j, j + kWidth) over rows [r0, r1).
-  static void grad_sums(const T* dy, const T* x, int64_t C, int64_t r0, int64_t r1, int64_t j,
-                        const A* mean, double* s1, double* s2) {
-    V m[kTileVecs], g[kTileVecs], v[kTileVecs], a[kTileVecs], b[kTileVecs];
-    for (int k = 0; k < kTileVecs; ++k) {
-      m[k] = V::loadu(mean + j + k * V::size());
-      a[k] = V(A(0));
-      b[k] = V(A(0));
-    }
-    for (int64_t r = r0; r < r1; ++r) {
-      load(dy + r * C + j, g);
-      load(x + r * C + j, v);
-      for (int k = 0; k < kTileVecs; ++k) {
-        a[k] += g[k];
-        b[k] = at::vec::fmadd(g[k], v[k] - m[k], b[k]);
+  // s1 += sum(dy), s2 += sum(dy * (x - mean)) over the n rows of columns [0, w), summed in A
+  // over the block and added to the double accumulators.
+  static void grad_sums(const T* g, const T* x, int64_t ld, int64_t n, int64_t w, const A* mean,
+                        A* a, A* b, double* s1, double* s2) {
+    const int64_t wv = w - w % kStep;
+    std::fill(a, a + w, A(0));
+    std::fill(b, b + w, A(0));
+    for (int64_t r = 0; r < n; ++r) {
+      const T* grow = g + r * ld;
+      const T* xrow = x + r * ld;
+      for (int64_t j = 0; j < wv; j += kStep) {
+        V g0, g1, x0, x1;
+        P::load(grow + j, g0, g1);
+        P::load(xrow + j, x0, x1);
+        (V::loadu(a + j) + g0).store(a + j);
+        (V::loadu(a + j + h) + g1).store(a + j + h);
+        at::vec::fmadd(g0, x0 - V::loadu(mean + j), V::loadu(b + j)).store(b + j);
+        at::vec::fmadd(g1, x1 - V::loadu(mean + j + h), V::loadu(b + j + h)).store(b + j + h);
+      }
+      for (int64_t j = wv; j < w; ++j) {
+        const A gv = static_cast<A>(grow[j]);
+        a[j] += gv;
+        b[j] += gv * (static_cast<A>(xrow[j]) - mean[j]);
       }
     }
-    A ab[kWidth], bb[kWidth];
-    for (int k = 0; k < kTileVecs; ++k) {
-      a[k].store(ab + k * V::size());
-      b[k].store(bb + k * V::size());
+    for (int64_t j = 0; j < w; ++j) {
+      s1[j] += a[j];
+      s2[j] += b[j];
     }
-    for (int64_t i = 0; i < kWidth; ++i) {
-      s1[j + i] += ab[i];
-      s2[j + i] += bb[i];
-    }
-  }
-
-  static void grad_sums1(const T* dy, const T* x, int64_t C, int64_t r0, int64_t r1, int64_t j,
-                         const A* mean, double* s1, double* s2) {
-    A a = 0, b = 0;
-    for (int64_t r = r0; r < r1; ++r) {
-      const A g = static_cast<A>(dy[r * C + j]);
-      a += g;
-      b += g * (static_cast<A>(x[r * C + j]) - mean[j]);
-    }
-    s1[j] += a;
-    s2[j] += b;
   }
 };
 
@@ -222,13 +278,15 @@ struct Rows {
 
 // ---- statistics ------------------------------------------------------------------------------
 
-// A planar per-channel reduction: unit_fn(u) is unit u's partial result R (Moments or Sum2, both
-// with merge()), and channel c's partials merge in order of n, then segment. With at least
-// kTasks channels the threads take whole channels and merge as they go; with fewer, the units
-// go to at most kTasks tasks in contiguous ranges, each merging per channel into its own C
-// partials, and the tasks merge in order. The order depends on the shape alone, and the partials
-// take at most kTasks * C < kTasks^2 entries, not one per unit: a (N, C, 2) input has N*C units,
-// and 24 bytes of Moments per unit would be several times the input.
+// A planar per-channel reduction: unit_fn(u, acc) is unit u's partial result R (Moments or
+// Sum2, both with merge()), given acc, the channel's partial result it is about to merge into
+// (span_moments uses its mean as a shift). Channel c's partials merge in order of n, then
+// segment. With at least kTasks channels the threads take whole channels and merge as they go;
+// with fewer, the units go to at most kTasks tasks in contiguous ranges, each merging per
+// channel into its own C partials, and the tasks merge in order. The order depends on the shape
+// alone, and the partials take at most kTasks * C < kTasks^2 entries, not one per unit: a
+// (N, C, 2) input has N*C units, and 24 bytes of Moments per unit would be several times the
+// input.
 template <typename R, typename F>
 std::vector<R> planar_reduce(const Planar& pl, const F& unit_fn) {
   const int64_t C = pl.C;
@@ -237,7 +295,10 @@ std::vector<R> planar_reduce(const Planar& pl, const F& unit_fn) {
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c)
         for (int64_t i = 0; i < pl.N; ++i)
-          for (int64_t s = 0; s < pl.segs; ++s) out[c].merge(unit_fn((i * C + c) * pl.segs + s));
+          for (int64_t s = 0; s < pl.segs; ++s) {
+            const int64_t u = (i * C + c) * pl.segs + s;
+            out[c].merge(unit_fn(u, out[c]));
+          }
     });
     return out;
   }
@@ -245,12 +306,30 @@ std::vector<R> planar_reduce(const Planar& pl, const F& unit_fn) {
   std::vector<R> part(tasks * C);
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
-      for (int64_t u = t * pl.units / tasks; u < (t + 1) * pl.units / tasks; ++u)
-        part[t * C + pl.channel(u)].merge(unit_fn(u));
+      for (int64_t u = t * pl.units / tasks; u < (t + 1) * pl.units / tasks; ++u) {
+        R& acc = part[t * C + pl.channel(u)];
+        acc.merge(unit_fn(u, acc));
+      }
   });
   for (int64_t t = 0; t < tasks; ++t)
     for (int64_t c = 0; c < C; ++c) out[c].merge(part[t * C + c]);
   return out;
+}
+
+// Channel c's planar units in planar_reduce's merge order: by n, then segment.
+template <typename F>
+inline void for_channel_units(const Planar& pl, int64_t c, const F& f) {
+  for (int64_t i = 0; i < pl.N; ++i)
+    for (int64_t s = 0; s < pl.segs; ++s) f((i * pl.C + c) * pl.segs + s);
+}
+
+// Whether a planar op runs channel by channel, its reduction and then its elementwise pass over
+// the channel while the channel is in L2 (so the inputs come from memory once): with at least
+// kTasks channels (planar_reduce takes whole channels then too, in the same order), when a
+// channel's inputs (bytes_per_value per value: x, or x and dy) fit in kFuseBytes.
+constexpr int64_t kFuseBytes = 1 << 20;
+inline bool fused_planar(const BnShape& sh, int64_t bytes_per_value) {
+  return !sh.channels_last && sh.c >= kTasks && sh.n * sh.s * bytes_per_value <= kFuseBytes;
 }
 
 // Per-channel moments of x (layout `sh`). Each unit (plane segment or row block) runs both
@@ -261,26 +340,41 @@ std::vector<Moments> channel_moments(const T* x, const BnShape& sh) {
   const int64_t C = sh.c;
   if (!sh.channels_last) {
     const Planar pl(sh);
-    return planar_reduce<Moments>(pl, [&](int64_t u) {
-      return span_moments(x + pl.offset(u), pl.length(u));
+    return planar_reduce<Moments>(pl, [&](int64_t u, const Moments& acc) {
+      return span_moments(x + pl.offset(u), pl.length(u), acc);
     });
   }
-  std::vector<Moments> out(C);
-  const RowBlocks rbk(sh.n * sh.s);
-  const int64_t whole = C - C % Tile<T>::kWidth;
-  std::vector<Moments> part(rbk.tasks * C);
-  at::parallel_for(0, rbk.tasks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      Moments* mine = part.data() + t * C;
-      for (int64_t b = rbk.first_block(t); b < rbk.first_block(t + 1); ++b) {
-        const int64_t r0 = rbk.row0(b), r1 = rbk.row1(b);
-        for (int64_t j = 0; j < whole; j += Tile<T>::kWidth) Tile<T>::moments(x, C, r0, r1, j, mine + j);
-        for (int64_t j = whole; j < C; ++j) Tile<T>::moments1(x, C, r0, r1, j, mine + j);
+  const RowGrid gr(sh, sizeof(T));
+  const int64_t T_ = gr.tasks;
+  // Task partials: per task, C means and C M2s (at most kTasks * C each; a task covers at least
+  // one block of rb >= 8 rows, so this stays below the input's size), and the task's count.
+  std::vector<double> pmean(T_ * C), pm2(T_ * C);
+  at::parallel_for(0, gr.units(), 1, [&](int64_t u0, int64_t u1) {
+    std::vector<acc_t<T>> scratch(3 * gr.width);
+    std::vector<double> bmean(gr.width), bm2(gr.width);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t t = u / gr.groups, g = u % gr.groups;
+      const int64_t c0 = gr.col0(g), w = gr.col1(g) - c0;
+      ColMoments acc{0, pmean.data() + t * C + c0, pm2.data() + t * C + c0};
+      acc_t<T>* m = scratch.data();
+      acc_t<T>* s = m + gr.width;
+      acc_t<T>* q = s + gr.width;
+      for (int64_t b = gr.first_block(t); b < gr.first_block(t + 1); ++b) {
+        const int64_t r0 = gr.row0(b), n = gr.row1(b) - r0;
+        const T* p = x + r0 * C + c0;
+        // After a task's first block, its running means are the shifts: one pass per block.
+        if (!acc.running_shift(w, n, m)) Block<T>::shift(p, C, n, w, m, s);
+        Block<T>::moments(p, C, n, w, m, s, q, bmean.data(), bm2.data());
+        acc.merge(w, static_cast<double>(n), bmean.data(), bm2.data());
       }
     }
   });
-  for (int64_t t = 0; t < rbk.tasks; ++t)
-    for (int64_t c = 0; c < C; ++c) out[c].merge(part[t * C + c]);
+  std::vector<double> mean(C), m2(C);
+  ColMoments all{0, mean.data(), m2.data()};
+  for (int64_t t = 0; t < T_; ++t)
+    all.merge(C, static_cast<double>(gr.task_rows(t)), pmean.data() + t * C, pm2.data() + t * C);
+  std::vector<Moments> out(C);
+  for (int64_t c = 0; c < C; ++c) out[c] = Moments{all.n, mean[c], m2[c]};
   return out;
 }
 
@@ -293,7 +387,7 @@ void channel_grad_sums(const T* dy, const T* x, const BnShape& sh, const acc_t<T
   s2.assign(C, 0);
   if (!sh.channels_last) {
     const Planar pl(sh);
-    const std::vector<Sum2> sums = planar_reduce<Sum2>(pl, [&](int64_t u) {
+    const std::vector<Sum2> sums = planar_reduce<Sum2>(pl, [&](int64_t u, const Sum2&) {
       return span_grad_sums(dy + pl.offset(u), x + pl.offset(u), pl.length(u),
                             mean[pl.channel(u)]);
     });
@@ -303,22 +397,23 @@ void channel_grad_sums(const T* dy, const T* x, const BnShape& sh, const acc_t<T
     }
     return;
   }
-  const RowBlocks rbk(sh.n * sh.s);
-  const int64_t whole = C - C % Tile<T>::kWidth;
-  std::vector<double> part(rbk.tasks * 2 * C, 0.0);
-  at::parallel_for(0, rbk.tasks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      double* p1 = part.data() + t * 2 * C;
+  const RowGrid gr(sh, sizeof(T));
+  std::vector<double> part(gr.tasks * 2 * C, 0.0);
+  at::parallel_for(0, gr.units(), 1, [&](int64_t u0, int64_t u1) {
+    std::vector<acc_t<T>> scratch(2 * gr.width);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t t = u / gr.groups, g = u % gr.groups;
+      const int64_t c0 = gr.col0(g), w = gr.col1(g) - c0;
+      double* p1 = part.data() + t * 2 * C + c0;
       double* p2 = p1 + C;
-      for (int64_t b = rbk.first_block(t); b < rbk.first_block(t + 1); ++b) {
-        const int64_t r0 = rbk.row0(b), r1 = rbk.row1(b);
-        for (int64_t j = 0; j < whole; j += Tile<T>::kWidth)
-          Tile<T>::grad_sums(dy, x, C, r0, r1, j, mean, p1, p2);
-        for (int64_t j = whole; j < C; ++j) Tile<T>::grad_sums1(dy, x, C, r0, r1, j, mean, p1, p2);
+      for (int64_t b = gr.first_block(t); b < gr.first_block(t + 1); ++b) {
+        const int64_t r0 = gr.row0(b), n = gr.row1(b) - r0;
+        Block<T>::grad_sums(dy + r0 * C + c0, x + r0 * C + c0, C, n, w, mean + c0,
+                            scratch.data(), scratch.data() + gr.width, p1, p2);
       }
     }
   });
-  for (int64_t t = 0; t < rbk.tasks; ++t)
+  for (int64_t t = 0; t < gr.tasks; ++t)
     for (int64_t c = 0; c < C; ++c) {
       s1[c] += part[t * 2 * C + c];
       s2[c] += part[t * 2 * C + C + c];
@@ -375,38 +470,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_fwd", [&] {
     using A = acc_t<scalar_t>;
-    std::vector<double> mean(C), var(C);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    const A* wp = ptr_or_null<A>(w);
+    const A* bp = ptr_or_null<A>(b);
+    A* sm = save_mean.mutable_data_ptr<A>();
+    A* si = save_invstd.mutable_data_ptr<A>();
+    A* sv = training ? batch_var.mutable_data_ptr<A>() : nullptr;
+    std::vector<A> m(C), scale(C), shift(C);
+    // Channel c's outputs and the constants of y = (x - m) * scale + shift, from its statistics.
+    auto set_channel = [&](int64_t c, double mean, double var) {
+      const double invstd = 1.0 / std::sqrt(var + eps);
+      const double sc = wp ? wp[c] * invstd : invstd;
+      sm[c] = m[c] = static_cast<A>(mean);
+      si[c] = static_cast<A>(invstd);
+      if (sv) sv[c] = static_cast<A>(var);
+      scale[c] = static_cast<A>(sc);
+      // m is the mean rounded to A; the rounding error (mean - m) is folded into the shift so
+      // large offsets lose nothing.
+      shift[c] = static_cast<A>((bp ? bp[c] : 0.0) - (mean - static_cast<double>(m[c])) * sc);
+    };
+    if (training && fused_planar(sh, sizeof(scalar_t))) {
+      // Each channel's statistics, then its output, while the channel is in L2: x is read from
+      // memory once. The statistics merge in planar_reduce's order, so the results are the same.
+      const Planar pl(sh);
+      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          Moments mo;
+          for_channel_units(pl, c, [&](int64_t u) {
+            mo.merge(span_moments(xp + pl.offset(u), pl.length(u), mo));
+          });
+          set_channel(c, mo.mean, mo.var());
+          for_channel_units(pl, c, [&](int64_t u) {
+            span_affine(xp + pl.offset(u), yp + pl.offset(u), pl.length(u), m[c], scale[c], shift[c]);
+          });
+        }
+      });
+      return;
+    }
     if (training) {
-      const std::vector<Moments> mo = channel_moments(x.const_data_ptr<scalar_t>(), sh);
-      for (int64_t c = 0; c < C; ++c) {
-        mean[c] = mo[c].mean;
-        var[c] = mo[c].var();
-      }
+      const std::vector<Moments> mo = channel_moments(xp, sh);
+      for (int64_t c = 0; c < C; ++c) set_channel(c, mo[c].mean, mo[c].var());
     } else {
       at::Tensor rm = running_mean->to(at::kDouble).contiguous();
       at::Tensor rv = running_var->to(at::kDouble).contiguous();
-      std::copy(rm.const_data_ptr<double>(), rm.const_data_ptr<double>() + C, mean.begin());
-      std::copy(rv.const_data_ptr<double>(), rv.const_data_ptr<double>() + C, var.begin());
-    }
-    const A* wp = ptr_or_null<A>(w);
-    const A* bp = ptr_or_null<A>(b);
-    std::vector<A> m(C), scale(C), shift(C);
-    A* sm = save_mean.mutable_data_ptr<A>();
-    A* si = save_invstd.mutable_data_ptr<A>();
-    for (int64_t c = 0; c < C; ++c) {
-      const double invstd = 1.0 / std::sqrt(var[c] + eps);
-      const double sc = wp ? wp[c] * invstd : invstd;
-      sm[c] = m[c] = static_cast<A>(mean[c]);
-      si[c] = static_cast<A>(invstd);
-      if (training) batch_var.mutable_data_ptr<A>()[c] = static_cast<A>(var[c]);
-      scale[c] = static_cast<A>(sc);
-      // y = (x - m) * scale + shift, where m is the mean rounded to A; the rounding error
-      // (mean - m) is folded into the shift so large offsets lose nothing.
-      shift[c] = static_cast<A>((bp ? bp[c] : 0.0) - (mean[c] - static_cast<double>(m[c])) * sc);
+      for (int64_t c = 0; c < C; ++c)
+        set_channel(c, rm.const_data_ptr<double>()[c], rv.const_data_ptr<double>()[c]);
     }
     if (x.numel() > 0)
-      channel_apply<scalar_t>(nullptr, x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
-                              sh, nullptr, scale.data(), m.data(), shift.data());
+      channel_apply<scalar_t>(nullptr, xp, yp, sh, nullptr, scale.data(), m.data(), shift.data());
   });
   return {y, save_mean, save_invstd, batch_var};
 }
@@ -436,33 +548,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
     const A* wp = ptr_or_null<A>(w);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = dy.const_data_ptr<scalar_t>();
+    scalar_t* dxp = mask[0] ? dx.mutable_data_ptr<scalar_t>() : nullptr;
     const int64_t n = sh.count();
-    std::vector<double> s1, s2;
-    if (training || mask[1] || mask[2]) {
-      if (x.numel() > 0) {
-        channel_grad_sums(gp, xp, sh, mean, s1, s2);
-      } else {
-        s1.assign(C, 0);
-        s2.assign(C, 0);
-      }
-    }
-    if (mask[1])  // an empty batch sums nothing: 0, even where invstd is Inf (eps = 0)
-      for (int64_t c = 0; c < C; ++c)
-        dw.mutable_data_ptr<A>()[c] = n > 0 ? static_cast<A>(s2[c] * invstd[c]) : A(0);
-    if (mask[2])
-      for (int64_t c = 0; c < C; ++c) db.mutable_data_ptr<A>()[c] = static_cast<A>(s1[c]);
-    if (!mask[0] || x.numel() == 0) return;
+    A* dwp = mask[1] ? dw.mutable_data_ptr<A>() : nullptr;
+    A* dbp = mask[2] ? db.mutable_data_ptr<A>() : nullptr;
     std::vector<A> a(C), b(C), k(C);
-    for (int64_t c = 0; c < C; ++c) {
+    // Channel c's weight/bias grads and the constants of dx = a * dy + b * (x - mean) + k, from
+    // its sums S1 = sum(dy), S2 = sum(dy * (x - mean)).
+    auto set_channel = [&](int64_t c, double s1, double s2) {
+      // an empty batch sums nothing: 0, even where invstd is Inf (eps = 0)
+      if (dwp) dwp[c] = n > 0 ? static_cast<A>(s2 * invstd[c]) : A(0);
+      if (dbp) dbp[c] = static_cast<A>(s1);
       const double r = invstd[c], gr = (wp ? wp[c] : 1.0) * r;
       a[c] = static_cast<A>(gr);
-      if (training) {
-        b[c] = static_cast<A>(-gr * r * r * s2[c] / n);
-        k[c] = static_cast<A>(-gr * s1[c] / n);
+      if (training && n > 0) {
+        b[c] = static_cast<A>(-gr * r * r * s2 / n);
+        k[c] = static_cast<A>(-gr * s1 / n);
       }
+    };
+    const bool need_sums = training || mask[1] || mask[2];
+    if (need_sums && mask[0] && fused_planar(sh, 2 * sizeof(scalar_t))) {
+      // Each channel's sums, then its dx, while the channel's x and dy are in L2 (read from
+      // memory once). The sums merge in planar_reduce's order, so the results are the same.
+      const Planar pl(sh);
+      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          Sum2 sums;
+          for_channel_units(pl, c, [&](int64_t u) {
+            sums.merge(span_grad_sums(gp + pl.offset(u), xp + pl.offset(u), pl.length(u), mean[c]));
+          });
+          set_channel(c, sums.sd, sums.sdd);
+          for_channel_units(pl, c, [&](int64_t u) {
+            const int64_t off = pl.offset(u);
+            if (training)
+              span_dx(gp + off, xp + off, dxp + off, pl.length(u), a[c], b[c], mean[c], k[c]);
+            else
+              span_dx(gp + off, static_cast<const scalar_t*>(nullptr), dxp + off, pl.length(u),
+                      a[c], A(0), A(0), A(0));
+          });
+        }
+      });
+      return;
     }
-    channel_apply<scalar_t>(gp, training ? xp : nullptr, dx.mutable_data_ptr<scalar_t>(), sh,
-                            a.data(), training ? b.data() : nullptr, training ? mean : nullptr,
+    std::vector<double> s1(C, 0.0), s2(C, 0.0);
+    if (need_sums && x.numel() > 0) channel_grad_sums(gp, xp, sh, mean, s1, s2);
+    for (int64_t c = 0; c < C; ++c) set_channel(c, s1[c], s2[c]);
+    if (!mask[0] || x.numel() == 0) return;
+    channel_apply<scalar_t>(gp, training ? xp : nullptr, dxp, sh, a.data(),
+                            training ? b.data() : nullptr, training ? mean : nullptr,
                             training ? k.data() : nullptr);
   });
   return {dx, dw, db};

@@ -104,7 +104,7 @@ inline Moments moments_from(double m, double sd, double sdd, int64_t n) {
   Moments r;
   if (n == 0) return r;
   r.n = static_cast<double>(n);
-  const double dm = sd / r.n;
+  const double dm = sd * (1.0 / r.n);  // 1/n hoists out of a loop over columns
   // An Inf in the group makes the shift Inf and every d = x - m NaN or -Inf: the mean is then
   // the shift itself (+-Inf, or NaN for +Inf and -Inf together), as torch's batch statistics
   // give it; M2 (so the variance) is NaN.
@@ -179,14 +179,33 @@ inline Sum2 span_pass2(const T* x, int64_t n, acc_t<T> m) {
   return out;
 }
 
-// Moments of n contiguous values: both passes run over one kChunk-sized piece at a time while it
-// is in L1, so the data come from memory once; the pieces merge in order.
+// The pass-2 shift for n values joining a group whose moments so far are `acc`: the group's
+// running mean (rounded to acc_t), so that pass 1 can be skipped. The shifted sums lose accuracy
+// only by (mean of the new values - shift)^2 relative to their M2, and merging them into `acc`
+// adds at least acc.n * n / (acc.n + n) times that same square to the merged M2; with
+// acc.n >= n the error stays within a few float roundings of the result. Returns false (run
+// pass 1) for a group's first piece, a piece longer than the group so far, and a mean that is
+// not finite (Inf/NaN, see span_shift) or past acc_t's range.
+template <typename A>
+inline bool running_shift(const Moments& acc, int64_t n, A& m) {
+  if (acc.n < static_cast<double>(n) || !std::isfinite(acc.mean)) return false;
+  m = static_cast<A>(acc.mean);
+  return std::isfinite(m);
+}
+
+// Moments of n contiguous values joining a group whose moments so far are `acc` (not merged in
+// here): one pass with the running shift when it applies, else both passes. Long spans go one
+// kChunk-sized piece at a time (in L1 for both passes, so the data come from memory once); the
+// pieces merge in order.
 template <typename T>
-inline Moments span_moments(const T* x, int64_t n) {
+inline Moments span_moments(const T* x, int64_t n, const Moments& acc = Moments{}) {
   Moments out;
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t len = std::min(kChunk, n - c0);
-    const acc_t<T> m = span_shift(x + c0, len);
+    Moments so_far = acc;
+    so_far.merge(out);
+    acc_t<T> m;
+    if (!running_shift(so_far, len, m)) m = span_shift(x + c0, len);
     const Sum2 s2 = span_pass2(x + c0, len, m);
     out.merge(moments_from(static_cast<double>(m), s2.sd, s2.sdd, len));
   }
