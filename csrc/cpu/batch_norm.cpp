@@ -25,6 +25,9 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
 #include <vector>
 
 #include "common.h"
@@ -43,13 +46,15 @@ constexpr int64_t kTasks = 64;
 //   kGroupCols (a group's per-column accumulators stay in L1), the rows into blocks of rb rows
 //   holding about kBlockBytes of a group (a block stays in L2 between the two statistics passes;
 //   after a task's first block, its running means are the shifts and one pass suffices).
-//   The blocks go to at most kTasks tasks, contiguous in row order; a work unit is one task's
+//   The blocks go to at most kTasks tasks (of at least kBlocksPerTask blocks where there are
+//   that many), contiguous in row order; a work unit is one task's
 //   blocks for one column group, walked in row order.
 // Both depend on the shape (and the element size) alone.
 
 constexpr int64_t kSeg = 1 << 16;
 constexpr int64_t kGroupCols = 1024;
-constexpr int64_t kBlockBytes = 256 << 10;
+constexpr int64_t kBlockBytes = 64 << 10;
+constexpr int64_t kBlocksPerTask = 4;  // so most blocks take one pass (running shifts)
 
 struct Planar {
   int64_t N, S, C, segs, units;
@@ -69,7 +74,7 @@ struct RowGrid {
     groups = (C + width - 1) / width;
     rb = std::max<int64_t>(8, kBlockBytes / (width * elem_size));
     blocks = (R + rb - 1) / rb;
-    tasks = std::max<int64_t>(1, std::min(blocks, kTasks));
+    tasks = std::max<int64_t>(1, std::min(blocks / kBlocksPerTask, kTasks));
   }
   int64_t units() const { return tasks * groups; }
   int64_t first_block(int64_t t) const { return t * blocks / tasks; }
@@ -87,6 +92,14 @@ struct RowGrid {
 // accumulators. A block's (or task's) moments merge in with Chan et al.'s formula, whose
 // coefficients depend on the two counts alone, so they are computed once per merge and the
 // per-column work is a few multiplications (no division per column).
+// Whether v[0 .. w) are all finite (a loop the compiler vectorizes, unlike std::isfinite's).
+template <typename A>
+inline bool all_finite(int64_t w, const A* v) {
+  bool bad = false;
+  for (int64_t j = 0; j < w; ++j) bad |= !(std::fabs(v[j]) <= std::numeric_limits<A>::max());
+  return !bad;
+}
+
 struct ColMoments {
   double n = 0;
   double* mean;  // [width]
@@ -102,14 +115,22 @@ struct ColMoments {
       return;
     }
     const double tot = n + n_b, wb = n_b / tot, f = n * n_b / tot, wa = n / tot;
-    for (int64_t j = 0; j < w; ++j) {
-      const double delta = mean_b[j] - mean[j];
-      if (std::isfinite(mean[j]) && std::isfinite(mean_b[j])) {
+    if (all_finite(w, mean) && all_finite(w, mean_b)) {  // the common case, a vector loop
+      for (int64_t j = 0; j < w; ++j) {
+        const double delta = mean_b[j] - mean[j];
         mean[j] += delta * wb;
         m2[j] += m2_b[j] + delta * delta * f;
-      } else {  // Inf/NaN combine as in a plain sum (see Moments::merge)
-        mean[j] = mean[j] * wa + mean_b[j] * wb;
-        m2[j] += m2_b[j];
+      }
+    } else {
+      for (int64_t j = 0; j < w; ++j) {
+        const double delta = mean_b[j] - mean[j];
+        if (std::isfinite(mean[j]) && std::isfinite(mean_b[j])) {
+          mean[j] += delta * wb;
+          m2[j] += m2_b[j] + delta * delta * f;
+        } else {  // Inf/NaN combine as in a plain sum (see Moments::merge)
+          mean[j] = mean[j] * wa + mean_b[j] * wb;
+          m2[j] += m2_b[j];
+        }
       }
     }
     n = tot;
@@ -197,12 +218,20 @@ struct Block {
         q[j] += d * d;
       }
     }
+    // moments_from for each column, with 1/n once, as a vector loop unless a shift is not finite
     const double inv_n = 1.0 / static_cast<double>(n);
-    for (int64_t j = 0; j < w; ++j) {  // moments_from, with 1/n once
-      const double dm = s[j] * inv_n;
-      mean_b[j] = std::isfinite(m[j]) ? m[j] + dm : m[j];
-      const double m2 = q[j] - s[j] * dm;
-      m2_b[j] = m2 < 0 ? 0 : m2;
+    if (all_finite(w, m)) {
+      for (int64_t j = 0; j < w; ++j) {
+        const double sj = s[j], dm = sj * inv_n, m2 = q[j] - sj * dm;
+        mean_b[j] = m[j] + dm;
+        m2_b[j] = m2 < 0 ? 0 : m2;
+      }
+    } else {
+      for (int64_t j = 0; j < w; ++j) {
+        const double sj = s[j], dm = sj * inv_n, m2 = q[j] - sj * dm;
+        mean_b[j] = std::isfinite(m[j]) ? m[j] + dm : m[j];
+        m2_b[j] = m2 < 0 ? 0 : m2;
+      }
     }
   }
 
