@@ -307,27 +307,21 @@ struct Rows {
 
 // ---- statistics ------------------------------------------------------------------------------
 
-// A planar per-channel reduction: unit_fn(u, acc) is unit u's partial result R (Moments or
-// Sum2, both with merge()), given acc, the channel's partial result it is about to merge into
-// (span_moments uses its mean as a shift). Channel c's partials merge in order of n, then
-// segment. With at least kTasks channels the threads take whole channels and merge as they go;
-// with fewer, the units go to at most kTasks tasks in contiguous ranges, each merging per
-// channel into its own C partials, and the tasks merge in order. The order depends on the shape
-// alone, and the partials take at most kTasks * C < kTasks^2 entries, not one per unit: a
-// (N, C, 2) input has N*C units, and 24 bytes of Moments per unit would be several times the
-// input.
+// A planar per-channel reduction: add(acc, u) adds unit u into acc, the partial result R of its
+// channel (MomentsAcc or Sum2, both with merge()). Channel c's units are added in order of n,
+// then segment. With at least kTasks channels the threads take whole channels; with fewer, the
+// units go to at most kTasks tasks in contiguous ranges, each adding into its own C partials,
+// and the tasks merge in order. The order depends on the shape alone, and the partials take at
+// most kTasks * C < kTasks^2 entries, not one per unit: a (N, C, 2) input has N*C units.
 template <typename R, typename F>
-std::vector<R> planar_reduce(const Planar& pl, const F& unit_fn) {
+std::vector<R> planar_reduce(const Planar& pl, const F& add) {
   const int64_t C = pl.C;
   std::vector<R> out(C);
   if (C >= kTasks) {
     at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c)
         for (int64_t i = 0; i < pl.N; ++i)
-          for (int64_t s = 0; s < pl.segs; ++s) {
-            const int64_t u = (i * C + c) * pl.segs + s;
-            out[c].merge(unit_fn(u, out[c]));
-          }
+          for (int64_t s = 0; s < pl.segs; ++s) add(out[c], (i * C + c) * pl.segs + s);
     });
     return out;
   }
@@ -335,10 +329,8 @@ std::vector<R> planar_reduce(const Planar& pl, const F& unit_fn) {
   std::vector<R> part(tasks * C);
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
-      for (int64_t u = t * pl.units / tasks; u < (t + 1) * pl.units / tasks; ++u) {
-        R& acc = part[t * C + pl.channel(u)];
-        acc.merge(unit_fn(u, acc));
-      }
+      for (int64_t u = t * pl.units / tasks; u < (t + 1) * pl.units / tasks; ++u)
+        add(part[t * C + pl.channel(u)], u);
   });
   for (int64_t t = 0; t < tasks; ++t)
     for (int64_t c = 0; c < C; ++c) out[c].merge(part[t * C + c]);
@@ -369,9 +361,11 @@ std::vector<Moments> channel_moments(const T* x, const BnShape& sh) {
   const int64_t C = sh.c;
   if (!sh.channels_last) {
     const Planar pl(sh);
-    return planar_reduce<Moments>(pl, [&](int64_t u, const Moments& acc) {
-      return span_moments(x + pl.offset(u), pl.length(u), acc);
-    });
+    std::vector<MomentsAcc<acc_t<T>>> acc = planar_reduce<MomentsAcc<acc_t<T>>>(
+        pl, [&](MomentsAcc<acc_t<T>>& a, int64_t u) { a.add(x + pl.offset(u), pl.length(u)); });
+    std::vector<Moments> out(C);
+    for (int64_t c = 0; c < C; ++c) out[c] = acc[c].result();
+    return out;
   }
   const RowGrid gr(sh, sizeof(T));
   const int64_t T_ = gr.tasks;
@@ -416,9 +410,9 @@ void channel_grad_sums(const T* dy, const T* x, const BnShape& sh, const acc_t<T
   s2.assign(C, 0);
   if (!sh.channels_last) {
     const Planar pl(sh);
-    const std::vector<Sum2> sums = planar_reduce<Sum2>(pl, [&](int64_t u, const Sum2&) {
-      return span_grad_sums(dy + pl.offset(u), x + pl.offset(u), pl.length(u),
-                            mean[pl.channel(u)]);
+    const std::vector<Sum2> sums = planar_reduce<Sum2>(pl, [&](Sum2& a, int64_t u) {
+      a.merge(span_grad_sums(dy + pl.offset(u), x + pl.offset(u), pl.length(u),
+                             mean[pl.channel(u)]));
     });
     for (int64_t c = 0; c < C; ++c) {
       s1[c] = sums[c].sd;
@@ -536,10 +530,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
       const Planar pl(sh);
       at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
-          Moments mo;
-          for_channel_units(pl, c, [&](int64_t u) {
-            mo.merge(span_moments(xp + pl.offset(u), pl.length(u), mo));
-          });
+          MomentsAcc<A> acc;
+          for_channel_units(pl, c, [&](int64_t u) { acc.add(xp + pl.offset(u), pl.length(u)); });
+          const Moments mo = acc.result();
           set_channel(c, mo.mean, mo.var());
           for_channel_units(pl, c, [&](int64_t u) {
             span_affine(xp + pl.offset(u), yp + pl.offset(u), pl.length(u), m[c], scale[c], shift[c]);

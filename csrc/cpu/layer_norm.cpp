@@ -301,15 +301,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
     if (fused) {
       A* dwp = mask[1] ? dw.mutable_data_ptr<A>() : nullptr;
       A* dbp = mask[2] ? db.mutable_data_ptr<A>() : nullptr;
-      at::parallel_for(0, N, 1024, [&](int64_t j0, int64_t j1) {
-        for (int64_t j = j0; j < j1; ++j) {
-          double sw = 0, sb = 0;
+      // Each column adds its blocks' partials in block order, in double; a tile of columns at
+      // a time, so the loads run along the partials' rows (contiguous), not down a column.
+      constexpr int64_t kTile = 256;
+      at::parallel_for(0, (N + kTile - 1) / kTile, 1, [&](int64_t t0, int64_t t1) {
+        double sw[kTile], sb[kTile];
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t j0 = t * kTile, n = std::min(kTile, N - j0);
+          std::fill(sw, sw + n, 0.0);
+          std::fill(sb, sb + n, 0.0);
           for (int64_t blk = 0; blk < blocks; ++blk) {
-            sw += part[blk * 2 * N + j];
-            sb += part[blk * 2 * N + N + j];
+            const A* pw = part.data() + blk * 2 * N + j0;
+            const A* pb = pw + N;
+            for (int64_t j = 0; j < n; ++j) {
+              sw[j] += pw[j];
+              sb[j] += pb[j];
+            }
           }
-          if (dwp) dwp[j] = static_cast<A>(sw);
-          if (dbp) dbp[j] = static_cast<A>(sb);
+          for (int64_t j = 0; j < n; ++j) {
+            if (dwp) dwp[j0 + j] = static_cast<A>(sw[j]);
+            if (dbp) dbp[j0 + j] = static_cast<A>(sb[j]);
+          }
         }
       });
     }

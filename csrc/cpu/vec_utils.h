@@ -131,15 +131,25 @@ inline acc_t<T> span_shift(const T* x, int64_t n) {
   using V = typename P::V;
   const A x0 = static_cast<A>(x[0]);
   const V v0(x0);
-  V s0(A(0)), s1(A(0));
+  // four accumulators: the adds' latency, not the loads, would bound two
+  V s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0));
   int64_t i = 0;
+  for (; i + 2 * P::kStep <= n; i += 2 * P::kStep) {
+    V a, b, c, d;
+    P::load(x + i, a, b);
+    P::load(x + i + P::kStep, c, d);
+    s0 += a - v0;
+    s1 += b - v0;
+    s2 += c - v0;
+    s3 += d - v0;
+  }
   for (; i + P::kStep <= n; i += P::kStep) {
     V a, b;
     P::load(x + i, a, b);
     s0 += a - v0;
     s1 += b - v0;
   }
-  A s = hsum(s0 + s1);
+  A s = hsum((s0 + s2) + (s1 + s3));
   for (; i < n; ++i) s += static_cast<A>(x[i]) - x0;
   const A m = x0 + s / static_cast<A>(n);
   return std::isfinite(m) ? m : plain_mean(x, n);
@@ -155,8 +165,25 @@ inline Sum2 span_pass2(const T* x, int64_t n, acc_t<T> m) {
   const V vm(m);
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t c1 = std::min(n, c0 + kChunk);
-    V d0(A(0)), d1(A(0)), q0(A(0)), q1(A(0));
+    V d0(A(0)), d1(A(0)), d2(A(0)), d3(A(0)), q0(A(0)), q1(A(0)), q2(A(0)), q3(A(0));
     int64_t i = c0;
+    for (; i + 2 * P::kStep <= c1; i += 2 * P::kStep) {
+      V a, b, c, d;
+      P::load(x + i, a, b);
+      P::load(x + i + P::kStep, c, d);
+      a = a - vm;
+      b = b - vm;
+      c = c - vm;
+      d = d - vm;
+      d0 += a;
+      d1 += b;
+      d2 += c;
+      d3 += d;
+      q0 = at::vec::fmadd(a, a, q0);
+      q1 = at::vec::fmadd(b, b, q1);
+      q2 = at::vec::fmadd(c, c, q2);
+      q3 = at::vec::fmadd(d, d, q3);
+    }
     for (; i + P::kStep <= c1; i += P::kStep) {
       V a, b;
       P::load(x + i, a, b);
@@ -167,7 +194,7 @@ inline Sum2 span_pass2(const T* x, int64_t n, acc_t<T> m) {
       q0 = at::vec::fmadd(a, a, q0);
       q1 = at::vec::fmadd(b, b, q1);
     }
-    A sd = hsum(d0 + d1), sdd = hsum(q0 + q1);
+    A sd = hsum((d0 + d2) + (d1 + d3)), sdd = hsum((q0 + q2) + (q1 + q3));
     for (; i < c1; ++i) {
       A d = static_cast<A>(x[i]) - m;
       sd += d;
@@ -193,24 +220,122 @@ inline bool running_shift(const Moments& acc, int64_t n, A& m) {
   return std::isfinite(m);
 }
 
-// Moments of n contiguous values joining a group whose moments so far are `acc` (not merged in
-// here): one pass with the running shift when it applies, else both passes. Long spans go one
-// kChunk-sized piece at a time (in L1 for both passes, so the data come from memory once); the
-// pieces merge in order.
+// Moments of n contiguous values. Long spans go one kChunk-sized piece at a time (in L1 for both
+// passes, so the data come from memory once); after the first, a piece takes the running shift
+// and one pass. The pieces merge in order.
 template <typename T>
-inline Moments span_moments(const T* x, int64_t n, const Moments& acc = Moments{}) {
+inline Moments span_moments(const T* x, int64_t n) {
   Moments out;
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t len = std::min(kChunk, n - c0);
-    Moments so_far = acc;
-    so_far.merge(out);
     acc_t<T> m;
-    if (!running_shift(so_far, len, m)) m = span_shift(x + c0, len);
+    if (!running_shift(out, len, m)) m = span_shift(x + c0, len);
     const Sum2 s2 = span_pass2(x + c0, len, m);
     out.merge(moments_from(static_cast<double>(m), s2.sd, s2.sdd, len));
   }
   return out;
 }
+
+// Moments of a group fed span by span in a fixed order (the planes of a BatchNorm channel):
+// pending spans share one pass-2 shift, the group's mean when they began, and their sums simply
+// add; they merge into the group's moments once they would outnumber it. So the running-shift
+// bound above holds (pending count <= merged count), pass 1 runs for the first span only, and a
+// channel of many small planes costs about log2(planes) merges, not one per plane.
+template <typename A>
+struct MomentsAcc {
+  using V = at::vec::Vectorized<A>;
+  Moments done;
+  A shift = 0;
+  double sd = 0, sdd = 0;  // pending sums, in double
+  int64_t pending = 0;
+  // Pending sums not yet in double: vector lanes (no horizontal sum per span, which would cost
+  // as much as a small plane) over at most kChunk values, as span_pass2's chunks.
+  V d[4] = {V(A(0)), V(A(0)), V(A(0)), V(A(0))}, q[4] = {V(A(0)), V(A(0)), V(A(0)), V(A(0))};
+  A dt = 0, qt = 0;
+  int64_t in_vec = 0;
+
+  void spill() {
+    if (in_vec == 0) return;
+    sd += static_cast<double>(hsum((d[0] + d[2]) + (d[1] + d[3])) + dt);
+    sdd += static_cast<double>(hsum((q[0] + q[2]) + (q[1] + q[3])) + qt);
+    for (int k = 0; k < 4; ++k) d[k] = q[k] = V(A(0));
+    dt = qt = 0;
+    in_vec = 0;
+  }
+  void flush() {
+    spill();
+    if (pending == 0) return;
+    done.merge(moments_from(static_cast<double>(shift), sd, sdd, pending));
+    sd = sdd = 0;
+    pending = 0;
+  }
+  template <typename T>
+  void add(const T* x, int64_t n) {
+    using P = VecPair<T>;
+    if (n == 0) return;
+    if (static_cast<double>(pending + n) > done.n) flush();
+    if (pending == 0 && !running_shift(done, n, shift)) {
+      done.merge(span_moments(x, n));
+      return;
+    }
+    pending += n;
+    if (n > kChunk) {
+      spill();
+      const Sum2 s = span_pass2(x, n, shift);
+      sd += s.sd;
+      sdd += s.sdd;
+      return;
+    }
+    if (in_vec + n > kChunk) spill();
+    in_vec += n;
+    const V vm(shift);
+    V d0 = d[0], d1 = d[1], d2 = d[2], d3 = d[3], q0 = q[0], q1 = q[1], q2 = q[2], q3 = q[3];
+    int64_t i = 0;
+    for (; i + 2 * P::kStep <= n; i += 2 * P::kStep) {
+      V a, b, c, e;
+      P::load(x + i, a, b);
+      P::load(x + i + P::kStep, c, e);
+      a = a - vm;
+      b = b - vm;
+      c = c - vm;
+      e = e - vm;
+      d0 += a;
+      d1 += b;
+      d2 += c;
+      d3 += e;
+      q0 = at::vec::fmadd(a, a, q0);
+      q1 = at::vec::fmadd(b, b, q1);
+      q2 = at::vec::fmadd(c, c, q2);
+      q3 = at::vec::fmadd(e, e, q3);
+    }
+    for (; i + P::kStep <= n; i += P::kStep) {
+      V a, b;
+      P::load(x + i, a, b);
+      a = a - vm;
+      b = b - vm;
+      d0 += a;
+      d1 += b;
+      q0 = at::vec::fmadd(a, a, q0);
+      q1 = at::vec::fmadd(b, b, q1);
+    }
+    for (; i < n; ++i) {
+      const A v = static_cast<A>(x[i]) - shift;
+      dt += v;
+      qt += v * v;
+    }
+    d[0] = d0, d[1] = d1, d[2] = d2, d[3] = d3;
+    q[0] = q0, q[1] = q1, q[2] = q2, q[3] = q3;
+  }
+  void merge(MomentsAcc o) {
+    flush();
+    o.flush();
+    done.merge(o.done);
+  }
+  Moments result() {
+    flush();
+    return done;
+  }
+};
 
 // y[i] = (x[i] - mean) * scale + shift over n contiguous values. Subtracting the mean first
 // keeps large offsets (mean 1e4, std 1e-2) exact where x * scale - mean * scale would cancel.
