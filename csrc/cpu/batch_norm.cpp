@@ -53,7 +53,7 @@ constexpr int64_t kTasks = 64;
 
 constexpr int64_t kSeg = 1 << 16;
 constexpr int64_t kGroupCols = 1024;
-constexpr int64_t kBlockBytes = 64 << 10;
+constexpr int64_t kBlockBytes = 256 << 10;
 constexpr int64_t kBlocksPerTask = 4;  // so most blocks take one pass (running shifts)
 
 struct Planar {
