@@ -11,7 +11,7 @@
 //   planar (NCHW):  units are (n, c) planes, cut into segments when huge; threads take whole
 //                   channels (C >= kTasks) or ranges of units; results merge per channel in
 //                   order of n (planar_reduce).
-//   channels-last:  blocks of rows (about 64 KB each) of groups of up to 1024 channels, grouped
+//   channels-last:  blocks of rows (about 256 KB each) of groups of up to 1024 channels, grouped
 //                   into at most kTasks tasks by shape alone; rows stream past in memory order
 //                   with per-channel accumulators in L1; task results merge per channel in task
 //                   order.
