@@ -7,6 +7,7 @@ import argparse
 import csv
 import math
 import re
+import resource
 import statistics
 import subprocess
 import time
@@ -33,6 +34,9 @@ COLUMNS = [
     "commit",
 ]
 MODES = ("fwd", "bwd", "full")
+BLOCK = 4  # CPU: consecutive calls per provider in a timing block (see time_ms)
+FAULTS: list[float] = []  # minor page faults per call of each fn in the last CPU time_ms
+PAGE_FAULTS: dict[tuple, float] = {}  # (op, mode, shape, dtype, layout, provider) -> faults/call
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -104,7 +108,8 @@ def time_ms(
     and a few warmup calls are not timed; the number of rounds fits ``budget_s`` per fn.
     CUDA: a pair of events around each call, one synchronize at the end, and a 256 MiB buffer
     zeroed before each call so inputs come from HBM, not L2. CPU: time.perf_counter around each
-    call, no cache flush (inputs of 8-32 MB are about the size of the last-level cache)."""
+    call in blocks of BLOCK calls per fn, no cache flush (inputs of 8-32 MB are about the size of
+    the last-level cache); the minor page faults per call go to FAULTS."""
     est = []
     for fn in fns:
         fn()
@@ -131,13 +136,22 @@ def time_ms(
         sync(device)
         times = [[begin.elapsed_time(end) for begin, end in round_] for round_ in events]
     else:
-        times = []
-        for _ in range(reps):
-            times.append([])
-            for fn in fns:
-                start = time.perf_counter()
-                fn()
-                times[-1].append((time.perf_counter() - start) * 1e3)
+        # Blocks of BLOCK consecutive calls per fn, the blocks interleaved: within a block each
+        # provider meets the allocator in its own steady state (interleaving single calls lets
+        # one provider's frees decide whether the other's next output is page-faulted in).
+        # Minor page faults are counted per fn (FAULTS: faults per call, for the table).
+        per_fn = [[] for _ in fns]
+        faults = [0] * len(fns)
+        for _ in range(max(1, reps // BLOCK)):
+            for i, fn in enumerate(fns):
+                f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                for _ in range(BLOCK):
+                    start = time.perf_counter()
+                    fn()
+                    per_fn[i].append((time.perf_counter() - start) * 1e3)
+                faults[i] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+        FAULTS[:] = [f / len(t) for f, t in zip(faults, per_fn)]
+        return [statistics.median(t) for t in per_fn]
     return [statistics.median(col) for col in zip(*times)]
 
 
@@ -261,9 +275,12 @@ def run(op: str, cases: list[Case], setup: Setup, args: argparse.Namespace) -> l
         fns = [mode_fn(mode, forward, inputs) for forward, inputs in setups]
         key = {"op": op, "mode": mode, "shape": shape_str(case.shape), "dtype": case.dtype,
                "layout": case.layout}  # fmt: skip
-        for provider, (_, inputs), t in zip(providers, setups, time_ms(fns, device, args.budget)):
+        times = time_ms(fns, device, args.budget)
+        faults = FAULTS[:] if device.type == "cpu" else [float("nan")] * len(fns)
+        for provider, (_, inputs), t, f in zip(providers, setups, times, faults):
             bw = gbps(io_bytes(mode, inputs[0], inputs[1]), t)
             rows.append({**key, "provider": provider, "ms": t, "gbps": bw, **meta})
+            PAGE_FAULTS[(*key.values(), provider)] = f
         del setups, fns
     print_table(op, rows, providers)
     if not args.no_csv:
@@ -284,6 +301,7 @@ def print_table(op: str, rows: list[dict], providers: list[str]) -> None:
         + [f"{p}/normext" for p in providers[1:]]
         + [f"{p} GB/s" for p in providers]
         + ["copy GB/s"]
+        + [f"{p} faults" for p in providers]
     )
     body = []
     for key in dict.fromkeys(k[:4] for k in by_key):
@@ -294,6 +312,7 @@ def print_table(op: str, rows: list[dict], providers: list[str]) -> None:
             + [f"{r[p]['ms'] / r['normext']['ms']:.2f}x" for p in providers[1:]]
             + [f"{r[p]['gbps']:.1f}" for p in providers]
             + [f"{copy:.1f}"]
+            + [f"{PAGE_FAULTS.get((op, key[3], *key[:3], p), float('nan')):.0f}" for p in providers]
         )
     width = [max(len(str(c)) for c in col) for col in zip(head, *body)]
     print(

@@ -58,7 +58,9 @@ def summary_md(rows: list[dict], seconds: float, load: float) -> str:
             f"{load:.1f} at the start{note}. "
             "Speedup = provider ms / normext ms (above 1: normext is faster). Median times; GB/s "
             "from the minimum bytes each mode must move. Plain copy `y.copy_(x)`: "
-            f"{copies} GB/s (measured before each op's run)."
+            f"{copies} GB/s (measured before each op's run). CPU timing runs each provider "
+            f"{common.BLOCK} calls at a time, the blocks interleaved; faults = minor page faults "
+            "per call (a fresh 4 KB page of output: the allocation cost, see the README)."
         ),
         "",
         "## Geometric-mean speedup",
@@ -82,22 +84,27 @@ def summary_md(rows: list[dict], seconds: float, load: float) -> str:
         "speedup",
         "normext GB/s",
         "torch GB/s",
+        "normext faults",
+        "torch faults",
     ]
     lines += [
         "",
         "## Per case",
         "",
         "| " + " | ".join(head) + " |",
-        "|---|---|---|---|---|" + "---:|" * 5,
+        "|---|---|---|---|---|" + "---:|" * 7,
     ]
     by_key = {
         (r["op"], r["shape"], r["dtype"], r["layout"], r["mode"], r["provider"]): r for r in rows
     }
     for key, s in per_provider["torch"].items():
         n, t = by_key[(*key, "normext")], by_key[(*key, "torch")]
+        op, shape, dtype, layout, mode = key
+        pf = [common.PAGE_FAULTS.get((op, mode, shape, dtype, layout, p), float("nan"))
+              for p in ("normext", "torch")]  # fmt: skip
         lines.append(
             f"| {' | '.join(key)} | {n['ms']:.3f} | {t['ms']:.3f} | {s:.2f}x | "
-            f"{n['gbps']:.1f} | {t['gbps']:.1f} |"
+            f"{n['gbps']:.1f} | {t['gbps']:.1f} | {pf[0]:.0f} | {pf[1]:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
