@@ -69,38 +69,7 @@ def _layer_norm_bwd_fake(dy, x, normalized_ndim, mean, rstd, weight, output_mask
     return dx, dw, db
 
 
-def _layer_norm_setup_context(ctx, inputs, output):
-    x, normalized_ndim, weight, bias, eps = inputs
-    _, mean, rstd = output
-    ctx.normalized_ndim = normalized_ndim
-    ctx.has_weight = weight is not None
-    ctx.has_bias = bias is not None
-    ctx.weight_dtype = weight.dtype if weight is not None else None
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.save_for_backward(x, weight, mean, rstd)
-
-
-def _layer_norm_backward(ctx, dy, _dmean, _drstd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    mask = [
-        ctx.needs_input_grad[0],
-        ctx.has_weight and ctx.needs_input_grad[2],
-        ctx.has_bias and ctx.needs_input_grad[3],
-    ]
-    dx, dw, db = layer_norm_bwd(dy.to(x.dtype), x, ctx.normalized_ndim, mean, rstd, weight, mask)
-    return (
-        dx if mask[0] else None,
-        None,
-        dw.to(ctx.weight_dtype) if mask[1] else None,
-        db.to(ctx.bias_dtype) if mask[2] else None,
-        None,
-    )
-
-
-torch.library.register_autograd(
-    "normext::layer_norm_fwd", _layer_norm_backward, setup_context=_layer_norm_setup_context
-)
+# The forward ops' autograd (backward = the *_bwd op) is registered in C++: csrc/autograd.cpp.
 
 
 # ---- BatchNorm ----------------------------------------------------------------------------------
@@ -185,40 +154,7 @@ def _batch_norm_update_stats_fake(
     return None
 
 
-def _batch_norm_setup_context(ctx, inputs, output):
-    x, weight, bias, running_mean, running_var, training, eps = inputs
-    _, save_mean, save_invstd, batch_var = output
-    ctx.training = training
-    ctx.has_weight = weight is not None
-    ctx.has_bias = bias is not None
-    ctx.weight_dtype = weight.dtype if weight is not None else None
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.mark_non_differentiable(save_mean, save_invstd, batch_var)
-    ctx.save_for_backward(x, weight, save_mean, save_invstd)
-
-
-def _batch_norm_backward(ctx, dy, _dmean, _dinvstd, _dvar):
-    x, weight, save_mean, save_invstd = ctx.saved_tensors
-    mask = [
-        ctx.needs_input_grad[0],
-        ctx.has_weight and ctx.needs_input_grad[1],
-        ctx.has_bias and ctx.needs_input_grad[2],
-    ]
-    dx, dw, db = batch_norm_bwd(dy.to(x.dtype), x, weight, save_mean, save_invstd, ctx.training, mask)
-    return (
-        dx if mask[0] else None,
-        dw.to(ctx.weight_dtype) if mask[1] else None,
-        db.to(ctx.bias_dtype) if mask[2] else None,
-        None,
-        None,
-        None,
-        None,
-    )
-
-
-torch.library.register_autograd(
-    "normext::batch_norm_fwd", _batch_norm_backward, setup_context=_batch_norm_setup_context
-)
+# (autograd of batch_norm_fwd: csrc/autograd.cpp)
 
 
 # ---- double backward ----------------------------------------------------------------------------
