@@ -11,7 +11,8 @@
 //           would; a constant chunk gives d = 0 exactly).
 // Long spans are cut into fixed chunks of kChunk values: both passes run over a chunk while it is
 // in L1, and the chunks' moments merge in double, in order (Chan et al.), so the result does not
-// depend on the number of threads.
+// depend on the number of threads. After a group's first piece, pass 1 is skipped: the group's
+// running mean is the shift (running_shift states why that is safe), so a piece is read once.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
