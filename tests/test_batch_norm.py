@@ -543,3 +543,50 @@ def test_half_reference_is_meaningful():
     with pytest.raises(AssertionError):
         check("perturbed", y + 0.1, ty, ry, torch.bfloat16, "fwd")
     assert HALF == (torch.bfloat16, torch.float16)
+
+
+# ---- statistics when the first piece is unlike the rest -------------------------------------------
+# After a group's first piece (a plane, a block of channels-last rows, a 4096-value chunk of a
+# LayerNorm row), the statistics use the group's running mean as the shift and read each piece
+# once. These inputs put the first piece far from the others (0 or 1e4 against 1e3 +- 1), so the
+# early shifts are far from most values; mean and variance must still match a float64
+# reference to a few float roundings.
+
+
+def _stats64(x: torch.Tensor, dims: tuple[int, ...]):
+    x64 = x.double()
+    return x64.mean(dims), x64.var(dims, unbiased=False)
+
+
+@pytest.mark.parametrize(
+    "shape, layout",
+    [
+        ((6, 64, 20, 20), "nchw"),  # >= 64 channels: channel by channel (fused)
+        ((6, 3, 20, 20), "nchw"),  # few channels: planes go to tasks
+        ((600, 8, 20, 20), "channels_last"),  # many row blocks per task
+        ((40000, 24), "2d"),  # (N, C): channels-last rows
+    ],
+)
+@pytest.mark.parametrize("first", [0.0, 1e4])
+def test_batch_norm_statistics_with_an_outlying_first_piece(shape, layout, first):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g) + 1e3
+    x[0] = first  # the first sample (every channel's first plane / rows) far from the rest
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    _, mean, _, var = normext.ops.batch_norm_fwd(x, None, None, None, None, True, 1e-5)
+    dims = (0,) + tuple(range(2, x.dim()))
+    m64, v64 = _stats64(x, dims)
+    torch.testing.assert_close(mean.double(), m64, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(var.double(), v64, rtol=2e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("first", [0.0, 1e4])
+def test_layer_norm_statistics_with_an_outlying_first_chunk(first):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 3 * 4096 + 17, generator=g) + 1e3
+    x[:, :4096] = first + torch.randn(3, 4096, generator=g)  # the first chunk of every row
+    _, mean, rstd = normext.ops.layer_norm_fwd(x, 1, None, None, 1e-5)
+    m64, v64 = _stats64(x, (1,))
+    torch.testing.assert_close(mean.double(), m64, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(rstd.double(), (v64 + 1e-5).rsqrt(), rtol=2e-5, atol=0)
