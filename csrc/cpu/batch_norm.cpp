@@ -367,10 +367,16 @@ inline void for_channel_units(const Planar& pl, int64_t c, const F& f) {
 // Whether a planar op runs channel by channel, its reduction and then its elementwise pass over
 // the channel while the channel is in L2 (so the inputs come from memory once): with at least
 // kTasks channels (planar_reduce takes whole channels then too, in the same order), when a
-// channel's inputs (bytes_per_value per value: x, or x and dy) fit in kFuseBytes.
+// channel's inputs (bytes_per_value per value: x, or x and dy) fit in kFuseBytes, and its planes
+// are long runs (kFusePlaneBytes of x at least). A channel's planes lie C * S apart: short planes
+// make the elementwise pass hop through memory, where the unfused one streams in memory order
+// (measured: (32, 256, 14, 14) float32 backward 0.66 ms unfused, 0.86 ms fused). Fused or not,
+// the results are the same.
 constexpr int64_t kFuseBytes = 1 << 20;
-inline bool fused_planar(const BnShape& sh, int64_t bytes_per_value) {
-  return !sh.channels_last && sh.c >= kTasks && sh.n * sh.s * bytes_per_value <= kFuseBytes;
+constexpr int64_t kFusePlaneBytes = 4096;
+inline bool fused_planar(const BnShape& sh, int64_t bytes_per_value, int64_t elem_size) {
+  return !sh.channels_last && sh.c >= kTasks && sh.n * sh.s * bytes_per_value <= kFuseBytes &&
+         sh.s * elem_size >= kFusePlaneBytes;
 }
 
 // Per-channel moments of x (layout `sh`). Each unit (plane segment or row block) runs both
@@ -544,7 +550,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
       // large offsets lose nothing.
       shift[c] = static_cast<A>((bp ? bp[c] : 0.0) - (mean - static_cast<double>(m[c])) * sc);
     };
-    if (training && fused_planar(sh, sizeof(scalar_t))) {
+    if (training && fused_planar(sh, sizeof(scalar_t), sizeof(scalar_t))) {
       // Each channel's statistics, then its output, while the channel is in L2: x is read from
       // memory once. The statistics merge in planar_reduce's order, so the results are the same.
       const Planar pl(sh);
@@ -618,7 +624,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
       }
     };
     const bool need_sums = training || mask[1] || mask[2];
-    if (need_sums && mask[0] && fused_planar(sh, 2 * sizeof(scalar_t))) {
+    if (need_sums && mask[0] && fused_planar(sh, 2 * sizeof(scalar_t), sizeof(scalar_t))) {
       // Each channel's sums, then its dx, while the channel's x and dy are in L2 (read from
       // memory once). The sums merge in planar_reduce's order, so the results are the same.
       const Planar pl(sh);
