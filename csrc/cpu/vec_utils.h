@@ -156,6 +156,43 @@ inline acc_t<T> span_shift(const T* x, int64_t n) {
   return std::isfinite(m) ? m : plain_mean(x, n);
 }
 
+// The vector part of pass 2 over x[0, n): d = x - vm added into four lanes of sum(d) and sum(d*d)
+// (four independent accumulators, so the adds' latency does not bound the loop). Returns where
+// the whole vectors stopped; the caller adds the tail.
+template <typename T, typename V>
+inline int64_t pass2_lanes(const T* x, int64_t n, const V& vm, V (&d)[4], V (&q)[4]) {
+  using P = VecPair<T>;
+  int64_t i = 0;
+  for (; i + 2 * P::kStep <= n; i += 2 * P::kStep) {
+    V a, b, c, e;
+    P::load(x + i, a, b);
+    P::load(x + i + P::kStep, c, e);
+    a = a - vm;
+    b = b - vm;
+    c = c - vm;
+    e = e - vm;
+    d[0] += a;
+    d[1] += b;
+    d[2] += c;
+    d[3] += e;
+    q[0] = at::vec::fmadd(a, a, q[0]);
+    q[1] = at::vec::fmadd(b, b, q[1]);
+    q[2] = at::vec::fmadd(c, c, q[2]);
+    q[3] = at::vec::fmadd(e, e, q[3]);
+  }
+  for (; i + P::kStep <= n; i += P::kStep) {
+    V a, b;
+    P::load(x + i, a, b);
+    a = a - vm;
+    b = b - vm;
+    d[0] += a;
+    d[1] += b;
+    q[0] = at::vec::fmadd(a, a, q[0]);
+    q[1] = at::vec::fmadd(b, b, q[1]);
+  }
+  return i;
+}
+
 // Pass 2 over n contiguous values with shift m.
 template <typename T>
 inline Sum2 span_pass2(const T* x, int64_t n, acc_t<T> m) {
@@ -166,40 +203,13 @@ inline Sum2 span_pass2(const T* x, int64_t n, acc_t<T> m) {
   const V vm(m);
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t c1 = std::min(n, c0 + kChunk);
-    V d0(A(0)), d1(A(0)), d2(A(0)), d3(A(0)), q0(A(0)), q1(A(0)), q2(A(0)), q3(A(0));
-    int64_t i = c0;
-    for (; i + 2 * P::kStep <= c1; i += 2 * P::kStep) {
-      V a, b, c, d;
-      P::load(x + i, a, b);
-      P::load(x + i + P::kStep, c, d);
-      a = a - vm;
-      b = b - vm;
-      c = c - vm;
-      d = d - vm;
-      d0 += a;
-      d1 += b;
-      d2 += c;
-      d3 += d;
-      q0 = at::vec::fmadd(a, a, q0);
-      q1 = at::vec::fmadd(b, b, q1);
-      q2 = at::vec::fmadd(c, c, q2);
-      q3 = at::vec::fmadd(d, d, q3);
-    }
-    for (; i + P::kStep <= c1; i += P::kStep) {
-      V a, b;
-      P::load(x + i, a, b);
-      a = a - vm;
-      b = b - vm;
-      d0 += a;
-      d1 += b;
-      q0 = at::vec::fmadd(a, a, q0);
-      q1 = at::vec::fmadd(b, b, q1);
-    }
-    A sd = hsum((d0 + d2) + (d1 + d3)), sdd = hsum((q0 + q2) + (q1 + q3));
+    V d[4] = {V(A(0)), V(A(0)), V(A(0)), V(A(0))}, q[4] = {V(A(0)), V(A(0)), V(A(0)), V(A(0))};
+    int64_t i = c0 + pass2_lanes(x + c0, c1 - c0, vm, d, q);
+    A sd = hsum((d[0] + d[2]) + (d[1] + d[3])), sdd = hsum((q[0] + q[2]) + (q[1] + q[3]));
     for (; i < c1; ++i) {
-      A d = static_cast<A>(x[i]) - m;
-      sd += d;
-      sdd += d * d;
+      const A v = static_cast<A>(x[i]) - m;
+      sd += v;
+      sdd += v * v;
     }
     out.sd += sd;
     out.sdd += sdd;
@@ -272,7 +282,6 @@ struct MomentsAcc {
   }
   template <typename T>
   void add(const T* x, int64_t n) {
-    using P = VecPair<T>;
     if (n == 0) return;
     if (static_cast<double>(pending + n) > done.n) flush();
     if (pending == 0 && !running_shift(done, n, shift)) {
@@ -290,42 +299,12 @@ struct MomentsAcc {
     if (in_vec + n > kChunk) spill();
     in_vec += n;
     const V vm(shift);
-    V d0 = d[0], d1 = d[1], d2 = d[2], d3 = d[3], q0 = q[0], q1 = q[1], q2 = q[2], q3 = q[3];
-    int64_t i = 0;
-    for (; i + 2 * P::kStep <= n; i += 2 * P::kStep) {
-      V a, b, c, e;
-      P::load(x + i, a, b);
-      P::load(x + i + P::kStep, c, e);
-      a = a - vm;
-      b = b - vm;
-      c = c - vm;
-      e = e - vm;
-      d0 += a;
-      d1 += b;
-      d2 += c;
-      d3 += e;
-      q0 = at::vec::fmadd(a, a, q0);
-      q1 = at::vec::fmadd(b, b, q1);
-      q2 = at::vec::fmadd(c, c, q2);
-      q3 = at::vec::fmadd(e, e, q3);
-    }
-    for (; i + P::kStep <= n; i += P::kStep) {
-      V a, b;
-      P::load(x + i, a, b);
-      a = a - vm;
-      b = b - vm;
-      d0 += a;
-      d1 += b;
-      q0 = at::vec::fmadd(a, a, q0);
-      q1 = at::vec::fmadd(b, b, q1);
-    }
+    int64_t i = pass2_lanes(x, n, vm, d, q);
     for (; i < n; ++i) {
       const A v = static_cast<A>(x[i]) - shift;
       dt += v;
       qt += v * v;
     }
-    d[0] = d0, d[1] = d1, d[2] = d2, d[3] = d3;
-    q[0] = q0, q[1] = q1, q[2] = q2, q[3] = q3;
   }
   void merge(MomentsAcc o) {
     flush();
