@@ -56,6 +56,20 @@ at::Tensor as_dtype(const at::Tensor& g, const c10::IValue& dtype) {
   return g.to(static_cast<at::ScalarType>(dtype.toInt()));
 }
 
+// What both backwards need of the forward's arguments: which grads were asked for (input,
+// weight, bias) and the parameters' dtypes (for their grads).
+void save_grad_info(AutogradContext* ctx, const at::Tensor& x, const OptT& weight,
+                    const OptT& bias) {
+  ctx->saved_data["mask"] =
+      c10::List<bool>({x.requires_grad(), needs_grad(weight), needs_grad(bias)});
+  ctx->saved_data["weight_dtype"] = dtype_of(weight);
+  ctx->saved_data["bias_dtype"] = dtype_of(bias);
+}
+std::array<bool, 3> saved_mask(AutogradContext* ctx) {
+  const c10::List<bool> m = ctx->saved_data["mask"].toBoolList();
+  return {m[0], m[1], m[2]};
+}
+
 // ---- LayerNorm ---------------------------------------------------------------------------------
 
 struct LayerNormFn : torch::autograd::Function<LayerNormFn> {
@@ -67,10 +81,7 @@ struct LayerNormFn : torch::autograd::Function<LayerNormFn> {
       std::tie(y, mean, rstd) = ln_fwd().call(x, ndim, weight, bias, eps);
     }
     ctx->saved_data["ndim"] = ndim;
-    ctx->saved_data["weight_dtype"] = dtype_of(weight);
-    ctx->saved_data["bias_dtype"] = dtype_of(bias);
-    ctx->saved_data["mask"] = c10::List<bool>(
-        {x.requires_grad(), needs_grad(weight), needs_grad(bias)});
+    save_grad_info(ctx, x, weight, bias);
     ctx->save_for_backward({x, weight.value_or(at::Tensor()), mean, rstd});
     ctx->mark_non_differentiable({mean, rstd});
     return {y, mean, rstd};
@@ -80,8 +91,7 @@ struct LayerNormFn : torch::autograd::Function<LayerNormFn> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& x = saved[0];
     const OptT weight = saved[1].defined() ? OptT(saved[1]) : std::nullopt;
-    const c10::List<bool> m = ctx->saved_data["mask"].toBoolList();
-    const std::array<bool, 3> mask{m[0], m[1], m[2]};
+    const std::array<bool, 3> mask = saved_mask(ctx);
     variable_list out(5);
     if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2])) return out;
     auto [dx, dw, db] = ln_bwd().call(grads[0].to(x.scalar_type()), x,
@@ -107,10 +117,7 @@ struct BatchNormFn : torch::autograd::Function<BatchNormFn> {
           bn_fwd().call(x, weight, bias, running_mean, running_var, training, eps);
     }
     ctx->saved_data["training"] = training;
-    ctx->saved_data["weight_dtype"] = dtype_of(weight);
-    ctx->saved_data["bias_dtype"] = dtype_of(bias);
-    ctx->saved_data["mask"] = c10::List<bool>(
-        {x.requires_grad(), needs_grad(weight), needs_grad(bias)});
+    save_grad_info(ctx, x, weight, bias);
     ctx->save_for_backward({x, weight.value_or(at::Tensor()), save_mean, save_invstd});
     ctx->mark_non_differentiable({save_mean, save_invstd, batch_var});
     return {y, save_mean, save_invstd, batch_var};
@@ -120,8 +127,7 @@ struct BatchNormFn : torch::autograd::Function<BatchNormFn> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& x = saved[0];
     const OptT weight = saved[1].defined() ? OptT(saved[1]) : std::nullopt;
-    const c10::List<bool> m = ctx->saved_data["mask"].toBoolList();
-    const std::array<bool, 3> mask{m[0], m[1], m[2]};
+    const std::array<bool, 3> mask = saved_mask(ctx);
     variable_list out(7);
     if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2])) return out;
     auto [dx, dw, db] = bn_bwd().call(grads[0].to(x.scalar_type()), x, weight, saved[2], saved[3],
