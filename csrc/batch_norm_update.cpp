@@ -10,6 +10,8 @@
 #include <ATen/Functions.h>
 #include <torch/library.h>
 
+#include "common.h"
+
 namespace normext {
 namespace {
 
@@ -57,24 +59,25 @@ void batch_norm_update_stats_(at::Tensor& running_mean, at::Tensor& running_var,
   const char* op = "normext::batch_norm_update_stats_";
   const int64_t C = running_mean.numel();
   TORCH_CHECK(running_var.numel() == C && batch_mean.numel() == C && batch_var.numel() == C, op,
-              ": running_mean, running_var, batch_mean and batch_var must all have ", C,
-              " elements, but got ", running_var.numel(), ", ", batch_mean.numel(), " and ",
-              batch_var.numel());
+              ": running_mean, running_var, batch_mean and batch_var must all have ", str_of(C),
+              " elements, but got ", str_of(running_var.numel()), ", ", str_of(batch_mean.numel()),
+              " and ", str_of(batch_var.numel()));
   for (const at::Tensor* t : {static_cast<const at::Tensor*>(&running_var), &batch_mean, &batch_var})
     TORCH_CHECK(t->device() == running_mean.device(), op, ": all tensors must be on ",
-                running_mean.device(), ", but one is on ", t->device());
+                str_of(running_mean.device()), ", but one is on ", str_of(t->device()));
   for (const at::Tensor* t : {static_cast<const at::Tensor*>(&running_mean),
                               static_cast<const at::Tensor*>(&running_var), &batch_mean, &batch_var})
     TORCH_CHECK(at::isFloatingType(t->scalar_type()), op,
                 ": running and batch statistics must be floating point, but one has dtype ",
-                t->scalar_type());
-  TORCH_CHECK(count >= 0, op, ": count must be non-negative, but got ", count);
+                str_of(t->scalar_type()));
+  TORCH_CHECK(count >= 0, op, ": count must be non-negative, but got ", str_of(count));
   if (count == 0 || C == 0) return;
   const double unbias = count > 1 ? static_cast<double>(count) / static_cast<double>(count - 1) : 1.0;
   if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
     const at::Tensor& nbt = *num_batches_tracked;
     TORCH_CHECK(nbt.numel() == 1 && nbt.device() == running_mean.device(), op,
-                ": num_batches_tracked must be a one-element tensor on ", running_mean.device());
+                ": num_batches_tracked must be a one-element tensor on ",
+                str_of(running_mean.device()));
     if (nbt.device().is_cpu()) {  // the count is on the host: read it, no device sync
       const double f = 1.0 / nbt.reshape({}).item<double>();
       if (try_update_cpu(running_mean, running_var, batch_mean, batch_var, 1.0 - f, f, f * unbias))

@@ -1,4 +1,5 @@
-// Input checks and small helpers shared by the CPU and CUDA backends. Nothing here touches
+// Input checks and small helpers shared by the CPU and CUDA backends (the checks are defined in
+// checks.cpp, compiled by the host compiler; see there why). Nothing here touches
 // tensor data: the backends check, allocate and dispatch; the kernels compute.
 #pragma once
 
@@ -9,6 +10,8 @@
 #include <c10/util/Optional.h>
 #include <c10/util/accumulate.h>
 
+#include <string>
+
 namespace normext {
 
 // Statistics and accumulation dtype: float32 for float32/float16/bfloat16 inputs, float64 for float64.
@@ -16,27 +19,20 @@ inline at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-inline void check_floating_input(const at::Tensor& x, const char* op) {
-  auto t = x.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
-              ": expected input of dtype float32, float64, float16 or bfloat16, but got ", t);
-}
+// Values for error messages, as strings: our messages are built from strings only (checks.cpp
+// says why).
+std::string str_of(int64_t v);
+std::string str_of(double v);
+std::string str_of(at::IntArrayRef sizes);
+std::string str_of(at::ScalarType t);
+std::string str_of(const c10::Device& d);
+
+void check_floating_input(const at::Tensor& x, const char* op);
 
 // A parameter (weight, bias, running statistic) must have `numel` elements, live on x's device,
 // and have x's dtype, or float32 when x is float16/bfloat16 (mixed precision, as in torch).
-inline void check_param(const c10::optional<at::Tensor>& p, const at::Tensor& x, int64_t numel,
-                        const char* op, const char* name) {
-  if (!p.has_value() || !p->defined()) return;
-  TORCH_CHECK(p->numel() == numel, op, ": ", name, " should contain ", numel, " elements, not ",
-              p->numel());
-  TORCH_CHECK(p->device() == x.device(), op, ": ", name, " is on ", p->device(),
-              " but input is on ", x.device());
-  auto xt = x.scalar_type(), pt = p->scalar_type();
-  bool half_input = xt == at::kHalf || xt == at::kBFloat16;
-  TORCH_CHECK(pt == xt || (half_input && pt == at::kFloat), op, ": ", name, " has dtype ", pt,
-              " but input has dtype ", xt, " (a parameter must have the input's dtype, or float32 "
-              "for a float16/bfloat16 input)");
-}
+void check_param(const c10::optional<at::Tensor>& p, const at::Tensor& x, int64_t numel,
+                 const char* op, const char* name);
 
 // The parameter as a contiguous 1-D tensor of the accumulation dtype, or an undefined tensor.
 inline at::Tensor param_as_acc(const c10::optional<at::Tensor>& p, at::ScalarType acc) {
@@ -111,49 +107,17 @@ inline at::Tensor like_layout(const at::Tensor& t, const at::Tensor& x) {
 
 // ---- BatchNorm argument checks, the same on every backend -------------------------------------
 
-inline void check_bn_input(const at::Tensor& x, const char* op) {
-  check_floating_input(x, op);
-  TORCH_CHECK(x.dim() >= 2, op, ": expected input of shape (N, C, *) with at least 2 dims, but got ",
-              x.dim(), " dims");
-}
+void check_bn_input(const at::Tensor& x, const char* op);
 
-inline void check_bn_fwd_args(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-                              const c10::optional<at::Tensor>& bias,
-                              const c10::optional<at::Tensor>& running_mean,
-                              const c10::optional<at::Tensor>& running_var, bool training,
-                              double eps, const char* op) {
-  check_bn_input(input, op);
-  TORCH_CHECK(eps >= 0, op, ": eps must be non-negative, but got ", eps);
-  const int64_t C = input.size(1);
-  check_param(weight, input, C, op, "weight");
-  check_param(bias, input, C, op, "bias");
-  check_param(running_mean, input, C, op, "running_mean");
-  check_param(running_var, input, C, op, "running_var");
-  const bool have_stats = running_mean.has_value() && running_mean->defined() &&
-                          running_var.has_value() && running_var->defined();
-  TORCH_CHECK(training || have_stats, op,
-              ": running_mean and running_var must be given in evaluation mode (training=False)");
-}
+void check_bn_fwd_args(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                       const c10::optional<at::Tensor>& bias,
+                       const c10::optional<at::Tensor>& running_mean,
+                       const c10::optional<at::Tensor>& running_var, bool training,
+                       double eps, const char* op);
 
-inline void check_bn_bwd_args(const at::Tensor& grad_out, const at::Tensor& input,
-                              const c10::optional<at::Tensor>& weight, const at::Tensor& save_mean,
-                              const at::Tensor& save_invstd, const char* op) {
-  check_bn_input(input, op);
-  TORCH_CHECK(grad_out.sizes() == input.sizes(), op, ": grad_out has shape ", grad_out.sizes(),
-              " but input has shape ", input.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), op, ": grad_out has dtype ",
-              grad_out.scalar_type(), " but input has dtype ", input.scalar_type());
-  TORCH_CHECK(grad_out.device() == input.device(), op, ": grad_out is on ", grad_out.device(),
-              " but input is on ", input.device());
-  const int64_t C = input.size(1);
-  const auto acc = acc_dtype(input.scalar_type());
-  check_param(weight, input, C, op, "weight");
-  for (const at::Tensor* t : {&save_mean, &save_invstd}) {
-    TORCH_CHECK(t->numel() == C && t->scalar_type() == acc && t->device() == input.device(), op,
-                ": save_mean/save_invstd must be ", acc, " tensors of ", C,
-                " elements on the input's device, as batch_norm_fwd returns them");
-  }
-}
+void check_bn_bwd_args(const at::Tensor& grad_out, const at::Tensor& input,
+                       const c10::optional<at::Tensor>& weight, const at::Tensor& save_mean,
+                       const at::Tensor& save_invstd, const char* op);
 
 }  // namespace normext
 
@@ -171,15 +135,8 @@ struct LnShape {
 
 // A backend that serves one device type passes it as `device_type` (the CUDA one: kCUDA): an input
 // on another device is refused, after the dtype check and before the shape checks.
-inline void check_ln_input(const at::Tensor& x, int64_t ndim, const char* op,
-                           c10::optional<c10::DeviceType> device_type) {
-  check_floating_input(x, op);
-  if (device_type.has_value())
-    TORCH_CHECK(x.device().type() == *device_type, op, ": expected a ",
-                c10::DeviceTypeName(*device_type), " input, but it is on ", x.device());
-  TORCH_CHECK(ndim >= 1 && ndim <= x.dim(), op, ": normalized_ndim must be in [1, ", x.dim(),
-              "] for an input of shape ", x.sizes(), ", but got ", ndim);
-}
+void check_ln_input(const at::Tensor& x, int64_t ndim, const char* op,
+                    c10::optional<c10::DeviceType> device_type);
 
 inline LnShape ln_shape(const at::Tensor& x, int64_t ndim) {
   const auto sizes = x.sizes();
@@ -188,37 +145,15 @@ inline LnShape ln_shape(const at::Tensor& x, int64_t ndim) {
           c10::multiply_integers(sizes.begin() + axis, sizes.end())};
 }
 
-inline LnShape check_ln_fwd_args(const at::Tensor& input, int64_t normalized_ndim,
-                                 const c10::optional<at::Tensor>& weight,
-                                 const c10::optional<at::Tensor>& bias, const char* op,
-                                 c10::optional<c10::DeviceType> device_type = c10::nullopt) {
-  check_ln_input(input, normalized_ndim, op, device_type);
-  const LnShape shape = ln_shape(input, normalized_ndim);
-  check_param(weight, input, shape.n, op, "weight");
-  check_param(bias, input, shape.n, op, "bias");
-  return shape;
-}
+LnShape check_ln_fwd_args(const at::Tensor& input, int64_t normalized_ndim,
+                          const c10::optional<at::Tensor>& weight,
+                          const c10::optional<at::Tensor>& bias, const char* op,
+                          c10::optional<c10::DeviceType> device_type = c10::nullopt);
 
-inline LnShape check_ln_bwd_args(const at::Tensor& grad_out, const at::Tensor& input,
-                                 int64_t normalized_ndim, const at::Tensor& mean,
-                                 const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
-                                 const char* op,
-                                 c10::optional<c10::DeviceType> device_type = c10::nullopt) {
-  check_ln_input(input, normalized_ndim, op, device_type);
-  TORCH_CHECK(grad_out.sizes() == input.sizes(), op, ": grad_out has shape ", grad_out.sizes(),
-              " but input has shape ", input.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), op, ": grad_out has dtype ",
-              grad_out.scalar_type(), " but input has dtype ", input.scalar_type());
-  TORCH_CHECK(grad_out.device() == input.device(), op, ": grad_out is on ", grad_out.device(),
-              " but input is on ", input.device());
-  const LnShape shape = ln_shape(input, normalized_ndim);
-  check_param(weight, input, shape.n, op, "weight");
-  const auto acc = acc_dtype(input.scalar_type());
-  for (const at::Tensor* t : {&mean, &rstd})
-    TORCH_CHECK(t->numel() == shape.m && t->scalar_type() == acc && t->device() == input.device(),
-                op, ": mean/rstd must be ", acc, " tensors of ", shape.m,
-                " elements on the input's device, as layer_norm_fwd returns them");
-  return shape;
-}
+LnShape check_ln_bwd_args(const at::Tensor& grad_out, const at::Tensor& input,
+                          int64_t normalized_ndim, const at::Tensor& mean,
+                          const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
+                          const char* op,
+                          c10::optional<c10::DeviceType> device_type = c10::nullopt);
 
 }  // namespace normext

@@ -105,7 +105,7 @@ void with_items(int items, F&& f) {
       }
       break;
   }
-  TORCH_CHECK(false, "normext: internal error, no LayerNorm kernel for ", items,
+  TORCH_CHECK(false, "normext: internal error, no LayerNorm kernel for ", str_of(int64_t{items}),
               " vectors per thread");
 }
 
