@@ -119,6 +119,51 @@ def _bn_like(x):
     return x.new_empty(x.shape)
 
 
+def _torch_uses_cudnn(x, weight, bias, running_mean, running_var, training, eps) -> bool:
+    """Whether torch's batch_norm would run x through cuDNN: the conditions of
+    at::native::_select_batch_norm_backend, as csrc/cuda/batch_norm.cu's torch_uses_cudnn.
+    (cuDNN 8 and later accept any eps >= 0: CUDNN_BN_MIN_EPSILON is 0.)"""
+    if weight is None or bias is None:
+        return False
+    xt, wt = x.dtype, weight.dtype
+    stats = running_mean is not None and running_var is not None
+    no_stats = running_mean is None and running_var is None
+    version = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return (
+        xt != torch.bfloat16
+        and wt != torch.bfloat16
+        and (xt != torch.float16 or wt == torch.float32)
+        and (stats or (no_stats and training))
+        and x.dim() >= 3
+        and x.shape[0] <= (880801 if training else 65535)
+        and torch.backends.cudnn.enabled
+        and version is not None
+        and version >= 5110
+        and eps >= (0.0 if version >= 8000 else 1e-5)
+        and x.numel() < 2**31 - 1
+    )
+
+
+def _dense(x) -> bool:
+    pc = torch._prims_common
+    check = getattr(pc, "is_non_overlapping_and_dense_or_false", None)
+    return check(x) if check is not None else pc.is_non_overlapping_and_dense(x)
+
+
+def _bn_fwd_like(x, weight, bias, running_mean, running_var, training, eps):
+    """The forward's output: on CUDA, a dense input's strides where torch keeps them (see
+    csrc/cuda/batch_norm.cu, torch_uses_cudnn); elsewhere the kernels' layout (_bn_like)."""
+    y = _bn_like(x)
+    if (
+        x.device.type == "cuda"
+        and y.stride() != x.stride()
+        and _dense(x)
+        and not _torch_uses_cudnn(x, weight, bias, running_mean, running_var, training, eps)
+    ):
+        return torch.empty_like(x)
+    return y
+
+
 @torch.library.register_fake("normext::batch_norm_fwd")
 def _batch_norm_fwd_fake(x, weight, bias, running_mean, running_var, training, eps):
     torch._check(x.dim() >= 2, lambda: "batch_norm expects an input with at least 2 dims")
@@ -127,7 +172,7 @@ def _batch_norm_fwd_fake(x, weight, bias, running_mean, running_var, training, e
     c = x.shape[1]
     acc = _acc_dtype(x.dtype)
     return (
-        _bn_like(x),
+        _bn_fwd_like(x, weight, bias, running_mean, running_var, training, eps),
         x.new_empty((c,), dtype=acc),
         x.new_empty((c,), dtype=acc),
         x.new_empty((c if training else 0,), dtype=acc),

@@ -163,6 +163,31 @@ def test_layouts(shape, layout, training, dtype):
         assert y.is_contiguous(memory_format=fmt)
 
 
+@pytest.mark.parametrize("cudnn", [True, False], ids=["cudnn", "no-cudnn"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(6, 5, 37), (4, 3, 5, 7)], ids=str)
+def test_permuted_input_output_strides(shape, dtype, affine, cudnn):
+    """A permuted dense input: torch's CUDA output keeps its strides unless torch picks cuDNN
+    (affine, float32/float64 or float32 params, cuDNN enabled), which returns a contiguous one;
+    normext's output has the same strides in every case, in eager and in the fake kernel."""
+    base, view = make_input(shape, dtype, "transposed", device=DEV)
+    x = view(base)
+    c = shape[1]
+    pdt = torch.float32 if dtype in HALF else dtype
+    w = torch.randn(c, device=DEV, dtype=pdt) if affine else None
+    b = torch.randn(c, device=DEV, dtype=pdt) if affine else None
+    with torch.backends.cudnn.flags(enabled=cudnn):
+        theirs = F.batch_norm(x, None, None, w, b, True)
+        ours = NF.batch_norm(x, None, None, w, b, True)
+        fake = torch.library.opcheck(
+            torch.ops.normext.batch_norm_fwd.default, (x, w, b, None, None, True, 1e-5)
+        )
+    assert ours.stride() == theirs.stride(), (ours.stride(), theirs.stride())
+    assert fake["test_faketensor"] == "SUCCESS"
+    check("y", ours, theirs, None, dtype, "fwd")
+
+
 @pytest.mark.parametrize(
     "dtype,param_dtype",
     [(d, d) for d in DTYPES] + [(torch.bfloat16, torch.float32), (torch.float16, torch.float32)],
@@ -269,7 +294,7 @@ def test_module_training_steps(cls_name, shape, layout, dtype, module_dtype, mom
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
 def test_opcheck(layout, dtype):
     """torch.library.opcheck (schema, fake tensors, autograd registration, AOT dispatch) on CUDA."""
     base, view = make_input((4, 6, 5, 3), dtype, layout, device=DEV)

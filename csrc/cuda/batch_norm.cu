@@ -7,8 +7,10 @@
 //   backward:           [bn_grad_sums_kernel] [-> bn_grad_finalize_kernel] -> bn_apply_kernel
 // (the finalize kernel runs when the reduction used more than one block per channel, or when
 // there is nothing to reduce). All on the current stream of the input's device.
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/detail/CUDAHooksInterface.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
@@ -163,8 +165,31 @@ void launch_apply(const BnParams<T>& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// torch's CUDA batch_norm lays its output out like the input (at::empty_like) when the input is
+// dense, whatever its dim order, except when it picks cuDNN (the conditions of
+// at::native::_select_batch_norm_backend, below), whose output has input.suggest_memory_format().
+// normext computes in its own layout (planar or channels-last) and, where torch keeps the input's
+// strides and those differ, hands the output over in them: for a permuted dense input torch would
+// return permuted, and so do we. normext/ops.py's fake kernel applies the same rule.
+bool torch_uses_cudnn(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                      const c10::optional<at::Tensor>& bias,
+                      const c10::optional<at::Tensor>& running_mean,
+                      const c10::optional<at::Tensor>& running_var, bool training, double eps) {
+  auto defined = [](const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); };
+  if (!defined(weight) || !defined(bias)) return false;
+  const auto xt = x.scalar_type(), wt = weight->scalar_type();
+  const bool stats = defined(running_mean) && defined(running_var);
+  const bool no_stats = !defined(running_mean) && !defined(running_var);
+  const auto& hooks = at::detail::getCUDAHooks();
+  return xt != at::kBFloat16 && wt != at::kBFloat16 && (xt != at::kHalf || wt == at::kFloat) &&
+         (stats || (no_stats && training)) && x.dim() >= 3 &&
+         x.size(0) <= (training ? 880801 : 65535) && at::globalContext().userEnabledCuDNN() &&
+         hooks.compiledWithCuDNN() && hooks.versionCuDNN() >= 5110L &&
+         eps >= hooks.batchnormMinEpsilonCuDNN() && x.numel() < INT32_MAX;
+}
+
 void check_cuda_input(const at::Tensor& x, const char* op) {
-  TORCH_CHECK(x.is_cuda(), op, ": expected a CUDA input, but it is on ", x.device());
+  TORCH_CHECK(x.is_cuda(), op, ": expected a CUDA input, but it is on ", str_of(x.device()));
 }
 
 // ---- ops -------------------------------------------------------------------------------------
@@ -229,6 +254,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
         launch_apply<bn_apply_kernel<scalar_t, V, CL, false, true>, scalar_t, V, CL>(p, stream);
     });
   });
+  if (y.strides() != input.strides() && input.is_non_overlapping_and_dense() &&
+      !torch_uses_cudnn(input, weight, bias, running_mean, running_var, training, eps))
+    y = at::empty_like(input).copy_(y);
   return {y, save_mean, save_invstd, batch_var};
 }
 
