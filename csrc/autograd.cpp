@@ -70,6 +70,19 @@ std::array<bool, 3> saved_mask(AutogradContext* ctx) {
   return {m[0], m[1], m[2]};
 }
 
+// The backward op's call. Under create_graph=True (grad mode on during backward) it goes through
+// the dispatcher's Autograd key, whose kernel (the Python double-backward registration in
+// normext/ops.py) records it for a second derivative. Otherwise nothing is recorded, and the call
+// skips that key: the Python kernel would only redispatch, at some 20-100 us of interpreter time
+// per backward (more than the kernels of a small normalization on the CPU, and the whole cost of
+// a bf16 LayerNorm backward on an H100).
+template <typename F>
+auto below_autograd_unless_grad_mode(F&& call) {
+  if (at::GradMode::is_enabled()) return call();
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return call();
+}
+
 // ---- LayerNorm ---------------------------------------------------------------------------------
 
 struct LayerNormFn : torch::autograd::Function<LayerNormFn> {
@@ -80,6 +93,7 @@ struct LayerNormFn : torch::autograd::Function<LayerNormFn> {
       at::AutoDispatchBelowADInplaceOrView guard;
       std::tie(y, mean, rstd) = ln_fwd().call(x, ndim, weight, bias, eps);
     }
+    ctx->set_materialize_grads(false);  // no zero grads for mean/rstd (never used)
     ctx->saved_data["ndim"] = ndim;
     save_grad_info(ctx, x, weight, bias);
     ctx->save_for_backward({x, weight.value_or(at::Tensor()), mean, rstd});
@@ -94,9 +108,10 @@ struct LayerNormFn : torch::autograd::Function<LayerNormFn> {
     const std::array<bool, 3> mask = saved_mask(ctx);
     variable_list out(5);
     if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2])) return out;
-    auto [dx, dw, db] = ln_bwd().call(grads[0].to(x.scalar_type()), x,
-                                      ctx->saved_data["ndim"].toInt(), saved[2], saved[3], weight,
-                                      mask);
+    auto [dx, dw, db] = below_autograd_unless_grad_mode([&] {
+      return ln_bwd().call(grads[0].to(x.scalar_type()), x, ctx->saved_data["ndim"].toInt(),
+                           saved[2], saved[3], weight, mask);
+    });
     if (mask[0]) out[0] = dx;
     if (mask[1]) out[2] = as_dtype(dw, ctx->saved_data["weight_dtype"]);
     if (mask[2]) out[3] = as_dtype(db, ctx->saved_data["bias_dtype"]);
@@ -116,6 +131,7 @@ struct BatchNormFn : torch::autograd::Function<BatchNormFn> {
       std::tie(y, save_mean, save_invstd, batch_var) =
           bn_fwd().call(x, weight, bias, running_mean, running_var, training, eps);
     }
+    ctx->set_materialize_grads(false);  // no zero grads for the statistics (never used)
     ctx->saved_data["training"] = training;
     save_grad_info(ctx, x, weight, bias);
     ctx->save_for_backward({x, weight.value_or(at::Tensor()), save_mean, save_invstd});
@@ -130,8 +146,10 @@ struct BatchNormFn : torch::autograd::Function<BatchNormFn> {
     const std::array<bool, 3> mask = saved_mask(ctx);
     variable_list out(7);
     if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2])) return out;
-    auto [dx, dw, db] = bn_bwd().call(grads[0].to(x.scalar_type()), x, weight, saved[2], saved[3],
-                                      ctx->saved_data["training"].toBool(), mask);
+    auto [dx, dw, db] = below_autograd_unless_grad_mode([&] {
+      return bn_bwd().call(grads[0].to(x.scalar_type()), x, weight, saved[2], saved[3],
+                           ctx->saved_data["training"].toBool(), mask);
+    });
     if (mask[0]) out[0] = dx;
     if (mask[1]) out[1] = as_dtype(dw, ctx->saved_data["weight_dtype"]);
     if (mask[2]) out[2] = as_dtype(db, ctx->saved_data["bias_dtype"]);
