@@ -338,16 +338,19 @@ std::vector<R> planar_reduce(const Planar& pl, const F& add) {
   const int64_t C = pl.C;
   std::vector<R> out(C);
   if (C >= kTasks) {
-    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, C, serial_grain(C, pl.N * pl.S * C), [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c)
         for (int64_t i = 0; i < pl.N; ++i)
           for (int64_t s = 0; s < pl.segs; ++s) add(out[c], (i * C + c) * pl.segs + s);
     });
     return out;
   }
-  const int64_t tasks = std::max<int64_t>(1, std::min(pl.units, kTasks));
+  // A task per kSerialValues values at least: the partials (a few hundred bytes each) stay far
+  // smaller than the input, and a small input is one task.
+  const int64_t values = pl.N * pl.S * C;
+  const int64_t tasks = std::clamp<int64_t>(std::min(pl.units, values / kSerialValues), 1, kTasks);
   std::vector<R> part(tasks * C);
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, tasks, serial_grain(tasks, values), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t u = t * pl.units / tasks; u < (t + 1) * pl.units / tasks; ++u)
         add(part[t * C + pl.channel(u)], u);
@@ -398,7 +401,7 @@ std::vector<Moments> channel_moments(const T* x, const BnShape& sh) {
   // Task partials: per task, C means and C M2s (at most kTasks * C each; a task covers at least
   // one block of rb >= 8 rows, so this stays below the input's size), and the task's count.
   std::vector<double> pmean(T_ * C), pm2(T_ * C);
-  at::parallel_for(0, gr.units(), 1, [&](int64_t u0, int64_t u1) {
+  at::parallel_for(0, gr.units(), serial_grain(gr.units(), gr.R * C), [&](int64_t u0, int64_t u1) {
     std::vector<acc_t<T>> scratch(3 * gr.width);
     std::vector<double> bmean(gr.width), bm2(gr.width);
     for (int64_t u = u0; u < u1; ++u) {
@@ -448,7 +451,7 @@ void channel_grad_sums(const T* dy, const T* x, const BnShape& sh, const acc_t<T
   }
   const RowGrid gr(sh, sizeof(T));
   std::vector<double> part(gr.tasks * 2 * C, 0.0);
-  at::parallel_for(0, gr.units(), 1, [&](int64_t u0, int64_t u1) {
+  at::parallel_for(0, gr.units(), serial_grain(gr.units(), gr.R * C), [&](int64_t u0, int64_t u1) {
     std::vector<acc_t<T>> scratch(2 * gr.width);
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t t = u / gr.groups, g = u % gr.groups;

@@ -183,7 +183,7 @@ void column_sums(const T* dy, const T* x, int64_t M, int64_t N, const acc_t<T>* 
       for (int64_t r = r0; r < r1; ++r) lo[r] = row_shift(x + r * N, N, mean[r], rstd[r]);
     });
   const int64_t tiles = (N + kColTile - 1) / kColTile;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, tiles, serial_grain(tiles, M * N), [&](int64_t t0, int64_t t1) {
     std::vector<double> sw(kColTile), sb(kColTile);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t j0 = t * kColTile, n = std::min(kColTile, N - j0);
@@ -286,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
         }
       };
       if (fused) {
-        at::parallel_for(0, blocks, 1, body);
+        at::parallel_for(0, blocks, serial_grain(blocks, M * N), body);
       } else if (dxp != nullptr) {
         at::parallel_for(0, M, std::max<int64_t>(1, 8192 / N), [&](int64_t r0, int64_t r1) {
           for (int64_t r = r0; r < r1; ++r)
@@ -304,7 +304,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
       // Each column adds its blocks' partials in block order, in double; a tile of columns at
       // a time, so the loads run along the partials' rows (contiguous), not down a column.
       constexpr int64_t kTile = 256;
-      at::parallel_for(0, (N + kTile - 1) / kTile, 1, [&](int64_t t0, int64_t t1) {
+      const int64_t tiles = (N + kTile - 1) / kTile;
+      at::parallel_for(0, tiles, serial_grain(tiles, blocks * N), [&](int64_t t0, int64_t t1) {
         double sw[kTile], sb[kTile];
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t j0 = t * kTile, n = std::min(kTile, N - j0);
