@@ -1,10 +1,11 @@
-// The running-statistics update, for every device: a few elementwise tensor ops on C values,
-// computed in float64 and written back in the buffers' own dtype.
+// The running-statistics update, computed in float64 and written back in the buffers' own dtype:
 //   running_mean = (1 - momentum) * running_mean + momentum * batch_mean
 //   running_var  = (1 - momentum) * running_var  + momentum * batch_var * count / (count - 1)
 // (count values per channel; the running variance is the unbiased one). With num_batches_tracked
-// given, momentum = 1 / num_batches_tracked (a cumulative average), as a device tensor. An empty batch
-// (count == 0) leaves both unchanged, as torch does.
+// given, momentum = 1 / num_batches_tracked (a cumulative average), read where the count lives
+// (no device sync). An empty batch (count == 0) leaves both unchanged, as torch does.
+// Here: the checks, the CPU kernel (a loop over the channels) and the generic path of a few
+// tensor ops on C values (any device, dtypes and strides); cuda/batch_norm.cu has a CUDA kernel.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Functions.h>
@@ -52,32 +53,40 @@ bool try_update_cpu(at::Tensor& running_mean, at::Tensor& running_var, const at:
   return true;
 }
 
-void batch_norm_update_stats_(at::Tensor& running_mean, at::Tensor& running_var,
-                              const at::Tensor& batch_mean, const at::Tensor& batch_var,
-                              double momentum, int64_t count,
-                              const c10::optional<at::Tensor>& num_batches_tracked) {
+}  // namespace
+
+void check_update_stats_args(const at::Tensor& running_mean, const at::Tensor& running_var,
+                             const at::Tensor& batch_mean, const at::Tensor& batch_var,
+                             int64_t count, const c10::optional<at::Tensor>& num_batches_tracked) {
   const char* op = "normext::batch_norm_update_stats_";
   const int64_t C = running_mean.numel();
   TORCH_CHECK(running_var.numel() == C && batch_mean.numel() == C && batch_var.numel() == C, op,
               ": running_mean, running_var, batch_mean and batch_var must all have ", str_of(C),
               " elements, but got ", str_of(running_var.numel()), ", ", str_of(batch_mean.numel()),
               " and ", str_of(batch_var.numel()));
-  for (const at::Tensor* t : {static_cast<const at::Tensor*>(&running_var), &batch_mean, &batch_var})
+  for (const at::Tensor* t : {&running_var, &batch_mean, &batch_var})
     TORCH_CHECK(t->device() == running_mean.device(), op, ": all tensors must be on ",
                 str_of(running_mean.device()), ", but one is on ", str_of(t->device()));
-  for (const at::Tensor* t : {static_cast<const at::Tensor*>(&running_mean),
-                              static_cast<const at::Tensor*>(&running_var), &batch_mean, &batch_var})
+  for (const at::Tensor* t : {&running_mean, &running_var, &batch_mean, &batch_var})
     TORCH_CHECK(at::isFloatingType(t->scalar_type()), op,
                 ": running and batch statistics must be floating point, but one has dtype ",
                 str_of(t->scalar_type()));
   TORCH_CHECK(count >= 0, op, ": count must be non-negative, but got ", str_of(count));
-  if (count == 0 || C == 0) return;
+  if (num_batches_tracked.has_value() && num_batches_tracked->defined())
+    TORCH_CHECK(num_batches_tracked->numel() == 1 &&
+                    num_batches_tracked->device() == running_mean.device(),
+                op, ": num_batches_tracked must be a one-element tensor on ",
+                str_of(running_mean.device()));
+}
+
+void update_stats_generic(at::Tensor& running_mean, at::Tensor& running_var,
+                          const at::Tensor& batch_mean, const at::Tensor& batch_var,
+                          double momentum, int64_t count,
+                          const c10::optional<at::Tensor>& num_batches_tracked) {
+  if (count == 0 || running_mean.numel() == 0) return;
   const double unbias = count > 1 ? static_cast<double>(count) / static_cast<double>(count - 1) : 1.0;
   if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
     const at::Tensor& nbt = *num_batches_tracked;
-    TORCH_CHECK(nbt.numel() == 1 && nbt.device() == running_mean.device(), op,
-                ": num_batches_tracked must be a one-element tensor on ",
-                str_of(running_mean.device()));
     if (nbt.device().is_cpu()) {  // the count is on the host: read it, no device sync
       const double f = 1.0 / nbt.reshape({}).item<double>();
       if (try_update_cpu(running_mean, running_var, batch_mean, batch_var, 1.0 - f, f, f * unbias))
@@ -100,16 +109,24 @@ void batch_norm_update_stats_(at::Tensor& running_mean, at::Tensor& running_var,
   running_var.copy_(running_var.to(at::kDouble).mul_(1 - momentum).add_(bv, momentum * unbias));
 }
 
+namespace {
+
+void batch_norm_update_stats_(at::Tensor& running_mean, at::Tensor& running_var,
+                              const at::Tensor& batch_mean, const at::Tensor& batch_var,
+                              double momentum, int64_t count,
+                              const c10::optional<at::Tensor>& num_batches_tracked) {
+  check_update_stats_args(running_mean, running_var, batch_mean, batch_var, count,
+                          num_batches_tracked);
+  update_stats_generic(running_mean, running_var, batch_mean, batch_var, momentum, count,
+                       num_batches_tracked);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(normext, CPU, m) {
   m.impl("batch_norm_update_stats_", &batch_norm_update_stats_);
 }
 
-#ifdef NORMEXT_WITH_CUDA
-TORCH_LIBRARY_IMPL(normext, CUDA, m) {
-  m.impl("batch_norm_update_stats_", &batch_norm_update_stats_);
-}
-#endif
+// The CUDA one is in cuda/batch_norm.cu: a kernel, falling back to update_stats_generic.
 
 }  // namespace normext

@@ -115,6 +115,16 @@ void check_bn_fwd_args(const at::Tensor& input, const c10::optional<at::Tensor>&
                        const c10::optional<at::Tensor>& running_var, bool training,
                        double eps, const char* op);
 
+// The running-statistics update (batch_norm_update.cpp): its argument checks, and the
+// device-generic path (a few tensor ops; a loop on the CPU).
+void check_update_stats_args(const at::Tensor& running_mean, const at::Tensor& running_var,
+                             const at::Tensor& batch_mean, const at::Tensor& batch_var,
+                             int64_t count, const c10::optional<at::Tensor>& num_batches_tracked);
+void update_stats_generic(at::Tensor& running_mean, at::Tensor& running_var,
+                          const at::Tensor& batch_mean, const at::Tensor& batch_var,
+                          double momentum, int64_t count,
+                          const c10::optional<at::Tensor>& num_batches_tracked);
+
 void check_bn_bwd_args(const at::Tensor& grad_out, const at::Tensor& input,
                        const c10::optional<at::Tensor>& weight, const at::Tensor& save_mean,
                        const at::Tensor& save_invstd, const char* op);
