@@ -192,6 +192,8 @@ class SyncBatchNorm(_BatchNormForward, nn.SyncBatchNorm):
         in place."""
         module_output = module
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            # bias=False exists only in newer torch (BatchNorm without a bias): passed only then
+            no_bias = {"bias": False} if module.affine and module.bias is None else {}
             module_output = cls(
                 module.num_features,
                 module.eps,
@@ -199,7 +201,7 @@ class SyncBatchNorm(_BatchNormForward, nn.SyncBatchNorm):
                 module.affine,
                 module.track_running_stats,
                 process_group,
-                bias=module.bias is not None,
+                **no_bias,
             )
             if module.affine:
                 with torch.no_grad():
