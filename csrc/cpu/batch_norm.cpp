@@ -199,6 +199,10 @@ struct Block {
 
   // Pass 2: the moments of the n rows of columns [0, w) from the sums of d = x - m and d^2 (the
   // block is in L2 after pass 1), into (mean_b, m2_b) in double. s and q are scratch.
+  // Most blocks come here straight from memory (after a task's first block the running mean is
+  // the shift, and pass 1 is skipped): rows kAhead and kAhead + 1 ahead are prefetched. Measured
+  // on (4096, 1024) fp32, noisy: the training forward went from about 1.6x to 1.35x torch's time.
+  static constexpr int64_t kAhead = 6;
   static void moments(const T* p, int64_t ld, int64_t n, int64_t w, const A* m, A* s, A* q,
                       double* mean_b, double* m2_b) {
     const int64_t wv = w - w % kStep;
@@ -209,6 +213,8 @@ struct Block {
       const T* row = p + r * ld;
       for (int64_t j = 0; j < wv; j += kStep) {
         V a, b, a2, b2;
+        __builtin_prefetch(row + kAhead * ld + j);
+        __builtin_prefetch(row + (kAhead + 1) * ld + j);
         P::load(row + j, a, b);
         P::load(row + ld + j, a2, b2);
         const V m0 = V::loadu(m + j), m1 = V::loadu(m + j + h);
