@@ -224,6 +224,47 @@ def test_momentum(momentum):
     run_bn((6, 3, 9), torch.float32, momentum=momentum)
 
 
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("cumulative", [False, True], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize(
+    "running_dtype,batch_dtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float64),
+    ],
+    ids=str,
+)
+def test_update_stats_op(running_dtype, batch_dtype, cumulative, strided):
+    """batch_norm_update_stats_ on CUDA (a kernel; strided buffers take the generic path) gives
+    the CPU loop's results: both compute in float64, then round to the buffers' dtype. With
+    num_batches_tracked (on the device) the factor 1 / count is read there."""
+    c = 1000
+    g = torch.Generator().manual_seed(3)
+
+    def make(dtype, lo=0.0):
+        t = (torch.rand(2 * c if strided else c, generator=g, dtype=torch.float64) + lo).to(dtype)
+        return t[::2] if strided else t
+
+    rm, rv = make(running_dtype, -0.5), make(running_dtype, 0.5)
+    bm, bv = make(batch_dtype, -0.5), make(batch_dtype, 0.5)
+    nbt = torch.tensor(7) if cumulative else None
+    cpu = [rm.clone(), rv.clone()]
+    dev = [rm.to(DEV), rv.to(DEV)]
+    torch.ops.normext.batch_norm_update_stats_(*cpu, bm, bv, 0.1, 37, nbt)
+    torch.ops.normext.batch_norm_update_stats_(
+        *dev, bm.to(DEV), bv.to(DEV), 0.1, 37, None if nbt is None else nbt.to(DEV)
+    )
+    # the same double expression on both; a fused multiply-add on the GPU may move the double
+    # result by an ulp, which survives rounding to the buffer's dtype only at a tie
+    tol = 1e-12 if running_dtype == torch.float64 else torch.finfo(running_dtype).eps
+    for name, a, b in zip(("running_mean", "running_var"), dev, cpu):
+        torch.testing.assert_close(a.cpu(), b, rtol=tol, atol=tol, msg=lambda m, n=name: f"{n}: {m}")
+    assert not torch.equal(dev[0].cpu(), rm)  # it did update
+
+
 # ---- modules over several training steps, then eval --------------------------------------------
 
 MODULE_CASES = [
