@@ -25,6 +25,7 @@ namespace normext::cpu {
 namespace {
 
 constexpr int64_t kBlocks = 64;
+constexpr int64_t kBlockValues = 16384;  // a row block of the backward's sums holds at least these
 constexpr int64_t kMaxPartial = int64_t{1} << 24;  // fused backward's partial sums (see below)
 constexpr int64_t kColTile = 1024;                   // columns per task in column_sums
 
@@ -268,7 +269,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
     const A* rp = rstd_c.const_data_ptr<A>();
     const A* wp = ptr_or_null<A>(w);
     const bool sums = mask[1] || mask[2];
-    const int64_t blocks = sums ? std::max<int64_t>(1, std::min(M, kBlocks)) : 1;
+    // At most kBlocks row blocks, and no more than one per kBlockValues values: a (64, 768)
+    // backward with a block per row built 393 KB of partials, fresh pages from the kernel on
+    // every call (190 us, torch 41 us); with 3 blocks they are 18 KB.
+    const int64_t blocks =
+        sums ? std::clamp<int64_t>(M * N / kBlockValues, 1, std::max<int64_t>(1, std::min(M, kBlocks)))
+             : 1;
     // The fused pass keeps 2N partial sums per row block: with few long rows (a block per row)
     // that is twice the input's size in floats. Past kMaxPartial of them, and more than half as
     // many as the input has values, the sums take their own column-parallel pass instead.
