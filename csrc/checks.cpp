@@ -79,16 +79,25 @@ void check_bn_fwd_args(const at::Tensor& input, const c10::optional<at::Tensor>&
               ": running_mean and running_var must be given in evaluation mode (training=False)");
 }
 
-void check_bn_bwd_args(const at::Tensor& grad_out, const at::Tensor& input,
-                       const c10::optional<at::Tensor>& weight, const at::Tensor& save_mean,
-                       const at::Tensor& save_invstd, const char* op) {
-  check_bn_input(input, op);
+namespace {
+
+// grad_out has the input's shape, dtype and device (both backwards).
+void check_grad_out(const at::Tensor& grad_out, const at::Tensor& input, const char* op) {
   TORCH_CHECK(grad_out.sizes() == input.sizes(), op, ": grad_out has shape ", str_of(grad_out.sizes()),
               " but input has shape ", str_of(input.sizes()));
   TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), op, ": grad_out has dtype ",
               str_of(grad_out.scalar_type()), " but input has dtype ", str_of(input.scalar_type()));
   TORCH_CHECK(grad_out.device() == input.device(), op, ": grad_out is on ", str_of(grad_out.device()),
               " but input is on ", str_of(input.device()));
+}
+
+}  // namespace
+
+void check_bn_bwd_args(const at::Tensor& grad_out, const at::Tensor& input,
+                       const c10::optional<at::Tensor>& weight, const at::Tensor& save_mean,
+                       const at::Tensor& save_invstd, const char* op) {
+  check_bn_input(input, op);
+  check_grad_out(grad_out, input, op);
   const int64_t C = input.size(1);
   const auto acc = acc_dtype(input.scalar_type());
   check_param(weight, input, C, op, "weight");
@@ -126,12 +135,7 @@ LnShape check_ln_bwd_args(const at::Tensor& grad_out, const at::Tensor& input,
                           const char* op,
                           c10::optional<c10::DeviceType> device_type) {
   check_ln_input(input, normalized_ndim, op, device_type);
-  TORCH_CHECK(grad_out.sizes() == input.sizes(), op, ": grad_out has shape ", str_of(grad_out.sizes()),
-              " but input has shape ", str_of(input.sizes()));
-  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), op, ": grad_out has dtype ",
-              str_of(grad_out.scalar_type()), " but input has dtype ", str_of(input.scalar_type()));
-  TORCH_CHECK(grad_out.device() == input.device(), op, ": grad_out is on ", str_of(grad_out.device()),
-              " but input is on ", str_of(input.device()));
+  check_grad_out(grad_out, input, op);
   const LnShape shape = ln_shape(input, normalized_ndim);
   check_param(weight, input, shape.n, op, "weight");
   const auto acc = acc_dtype(input.scalar_type());
