@@ -5,7 +5,9 @@ Environment:
                           a CUDA toolkit (nvcc) is found; no visible GPU is needed.
   NORMEXT_CPU_ISA=auto|avx2|avx512|default
                           instruction set for the at::vec::Vectorized loops. auto picks avx2 when
-                          the build machine has AVX2+FMA+F16C (the extension is built where it runs).
+                          the build machine has AVX2+FMA+F16C (the extension is built where it runs),
+                          and where it also has AVX-512 (F, BW, VL, DQ) compiles the kernels a second
+                          time for that (csrc/cpu/kernels.h: the copy is picked per call).
   DEBUG=1                 -O0 -g instead of -O3.
   NORMEXT_SANITIZE=1      AddressSanitizer + UndefinedBehaviorSanitizer (-O1 -g, C++ sources
                           only); see scripts/sanitize.sh (make sanitize) for building it apart
@@ -49,6 +51,7 @@ def _cpu_flags():
     isa = os.environ.get("NORMEXT_CPU_ISA", "auto").lower()
     if platform.machine() not in ("x86_64", "AMD64"):
         return []
+    dual = False
     if isa == "auto":
         try:
             with open("/proc/cpuinfo") as f:
@@ -56,8 +59,10 @@ def _cpu_flags():
         except OSError:
             flags = set()
         isa = "avx2" if {"avx2", "fma", "f16c"} <= flags else "default"
+        dual = isa == "avx2" and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
     if isa == "avx2":
-        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+        avx2 = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+        return avx2 + (["-DNORMEXT_CPU_AVX512"] if dual else [])
     if isa == "avx512":
         return [
             "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
@@ -73,7 +78,12 @@ san_flags = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"] if san
 cxx_opt = ["-O1", "-g", "-fno-omit-frame-pointer"] + san_flags if sanitize else opt
 with_cuda = _want_cuda()
 
-sources = _rel(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+# csrc/cpu/avx512/*.cpp: the kernels' AVX-512 copies, empty unless _cpu_flags() asks for them.
+sources = _rel(
+    glob.glob(os.path.join(CSRC, "*.cpp"))
+    + glob.glob(os.path.join(CSRC, "cpu", "*.cpp"))
+    + glob.glob(os.path.join(CSRC, "cpu", "avx512", "*.cpp"))
+)
 # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++20; the
 # torch 2.14 headers do not compile as C++17).
 # -ffp-contract=off: no implicit a*b+c -> fma. at::parallel_for inlines its body twice (the

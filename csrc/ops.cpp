@@ -59,6 +59,12 @@ PyMODINIT_FUNC PyInit__C(void) {
 #else
   PyModule_AddStringConstant(mod, "cpu_isa", "default");
 #endif
+  // whether the kernels were also compiled for AVX-512, picked per call (cpu/kernels.h)
+#if defined(NORMEXT_CPU_AVX512)
+  PyModule_AddIntConstant(mod, "cpu_avx512_copy", 1);
+#else
+  PyModule_AddIntConstant(mod, "cpu_avx512_copy", 0);
+#endif
   return mod;
 }
 #endif  // NORMEXT_EXTENSION

@@ -31,9 +31,11 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/kernels.h"
 #include "cpu/vec_utils.h"
 
 namespace normext::cpu {
+inline namespace CPU_CAPABILITY {
 namespace {
 
 constexpr int64_t kTasks = 64;
@@ -529,6 +531,8 @@ std::vector<double> to_doubles(const at::Tensor& t) {
   return out;
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
@@ -676,11 +680,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
   return {dx, dw, db};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(normext, CPU, m) {
-  m.impl("batch_norm_fwd", &batch_norm_fwd);
-  m.impl("batch_norm_bwd", &batch_norm_bwd);
-}
-
+}  // namespace CPU_CAPABILITY
 }  // namespace normext::cpu

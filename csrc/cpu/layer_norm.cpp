@@ -16,12 +16,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "common.h"
+#include "cpu/kernels.h"
 #include "cpu/vec_utils.h"
 
 namespace normext::cpu {
+inline namespace CPU_CAPABILITY {
 namespace {
 
 constexpr int64_t kBlocks = 64;
@@ -92,12 +95,14 @@ inline acc_t<T> row_shift(const T* x, int64_t n, acc_t<T> mean, acc_t<T> rstd) {
   return n > 0 ? -(sd / static_cast<A>(n)) * rstd : A(0);
 }
 
-// dx for one row, and its dy * xhat and dy added into the column sums (when asked for).
+// dx for one row, and its dy * xhat and dy added into the column sums (when asked for; `first`
+// stores them instead, so the sums need no zeroing beforehand).
 // Two passes over the row (it stays in L1): the sums of g, g * (x - mean) * rstd and x - mean
 // (for lo, see row_shift), then dx and the column sums together.
 template <typename T>
 inline void row_backward(const T* dy, const T* x, T* dx, int64_t n, acc_t<T> mean, acc_t<T> rstd,
-                         const acc_t<T>* w, acc_t<T>* dw_sum, acc_t<T>* db_sum) {
+                         const acc_t<T>* w, acc_t<T>* dw_sum, acc_t<T>* db_sum,
+                         bool first = false) {
   using P = VecPair<T>;
   using A = typename P::A;
   using V = typename P::V;
@@ -154,20 +159,26 @@ inline void row_backward(const T* dy, const T* x, T* dx, int64_t n, acc_t<T> mea
       P::store(dx + j, vr * (g0 - vc1 - xh0 * vc2), vr * (g1 - vc1 - xh1 * vc2));
     }
     if (dw_sum != nullptr) {
-      at::vec::fmadd(d0, xh0, V::loadu(dw_sum + j)).store(dw_sum + j);
-      at::vec::fmadd(d1, xh1, V::loadu(dw_sum + j + h)).store(dw_sum + j + h);
+      const V z(A(0));
+      at::vec::fmadd(d0, xh0, first ? z : V::loadu(dw_sum + j)).store(dw_sum + j);
+      at::vec::fmadd(d1, xh1, first ? z : V::loadu(dw_sum + j + h)).store(dw_sum + j + h);
     }
     if (db_sum != nullptr) {
-      (V::loadu(db_sum + j) + d0).store(db_sum + j);
-      (V::loadu(db_sum + j + h) + d1).store(db_sum + j + h);
+      if (first) {
+        d0.store(db_sum + j);
+        d1.store(db_sum + j + h);
+      } else {
+        (V::loadu(db_sum + j) + d0).store(db_sum + j);
+        (V::loadu(db_sum + j + h) + d1).store(db_sum + j + h);
+      }
     }
   }
   for (; j < n; ++j) {
     const A d = static_cast<A>(dy[j]);
     const A xh = (static_cast<A>(x[j]) - mean) * rstd + lo;
     if (dx != nullptr) dx[j] = static_cast<T>(rstd * (d * (w ? w[j] : A(1)) - c1 - xh * c2));
-    if (dw_sum != nullptr) dw_sum[j] += d * xh;
-    if (db_sum != nullptr) db_sum[j] += d;
+    if (dw_sum != nullptr) dw_sum[j] = (first ? A(0) : dw_sum[j]) + d * xh;
+    if (db_sum != nullptr) db_sum[j] = (first ? A(0) : db_sum[j]) + d;
   }
 }
 
@@ -207,6 +218,8 @@ void column_sums(const T* dy, const T* x, int64_t M, int64_t N, const acc_t<T>* 
     }
   });
 }
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
     const at::Tensor& input, int64_t normalized_ndim, const c10::optional<at::Tensor>& weight,
@@ -278,17 +291,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
     // The fused pass keeps 2N partial sums per row block: with few long rows (a block per row)
     // that is twice the input's size in floats. Past kMaxPartial of them, and more than half as
     // many as the input has values, the sums take their own column-parallel pass instead.
-    const bool fused = sums && blocks * 2 * N <= std::max<int64_t>(kMaxPartial, M * N / 2);
-    std::vector<A> part(fused ? blocks * 2 * N : 0, A(0));
+    // (No rows: column_sums writes the zeros.)
+    const bool fused =
+        sums && M > 0 && blocks * 2 * N <= std::max<int64_t>(kMaxPartial, M * N / 2);
+    // Not zeroed: each block's first row stores its sums (zeroing them here took a serial
+    // memset of up to 4 MB, and one more write of them).
+    std::unique_ptr<A[]> part(fused ? new A[blocks * 2 * N] : nullptr);
     if (N > 0 && M > 0) {
       auto body = [&](int64_t b0, int64_t b1) {
         for (int64_t blk = b0; blk < b1; ++blk) {
-          A* dws = mask[1] ? part.data() + blk * 2 * N : nullptr;
-          A* dbs = mask[2] ? part.data() + blk * 2 * N + N : nullptr;
+          A* dws = mask[1] ? part.get() + blk * 2 * N : nullptr;
+          A* dbs = mask[2] ? part.get() + blk * 2 * N + N : nullptr;
           const int64_t r0 = blk * M / blocks, r1 = (blk + 1) * M / blocks;
           for (int64_t r = r0; r < r1; ++r)
             row_backward(gp + r * N, xp + r * N, dxp ? dxp + r * N : nullptr, N, mp[r], rp[r], wp,
-                         dws, dbs);
+                         dws, dbs, r == r0);
         }
       };
       if (fused) {
@@ -318,12 +335,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
           std::fill(sw, sw + n, 0.0);
           std::fill(sb, sb + n, 0.0);
           for (int64_t blk = 0; blk < blocks; ++blk) {
-            const A* pw = part.data() + blk * 2 * N + j0;
+            const A* pw = part.get() + blk * 2 * N + j0;
             const A* pb = pw + N;
-            for (int64_t j = 0; j < n; ++j) {
-              sw[j] += pw[j];
-              sb[j] += pb[j];
-            }
+            if (dwp)
+              for (int64_t j = 0; j < n; ++j) sw[j] += pw[j];
+            if (dbp)
+              for (int64_t j = 0; j < n; ++j) sb[j] += pb[j];
           }
           for (int64_t j = 0; j < n; ++j) {
             if (dwp) dwp[j0 + j] = static_cast<A>(sw[j]);
@@ -336,11 +353,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   return {dx, dw, db};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(normext, CPU, m) {
-  m.impl("layer_norm_fwd", &layer_norm_fwd);
-  m.impl("layer_norm_bwd", &layer_norm_bwd);
-}
-
+}  // namespace CPU_CAPABILITY
 }  // namespace normext::cpu

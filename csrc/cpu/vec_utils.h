@@ -24,7 +24,11 @@
 #include <limits>
 #include <type_traits>
 
+// Everything here (and in the kernel files) lives in an inline namespace named after the ISA, as
+// at::vec does: the kernels are compiled once per ISA (kernels.h), and the copies must not share
+// symbols.
 namespace normext::cpu {
+inline namespace CPU_CAPABILITY {
 
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -409,4 +413,5 @@ inline void span_dx(const T* dy, const T* x, T* dx, int64_t n, acc_t<T> a, acc_t
     dx[i] = static_cast<T>(static_cast<A>(dy[i]) * a + (static_cast<A>(x[i]) - mean) * b + k);
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace normext::cpu
