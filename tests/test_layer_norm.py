@@ -240,3 +240,30 @@ def test_deterministic(shape, dtype):
                 torch.testing.assert_close(a, e, atol=0, rtol=0, msg=prefixed(f"{t} threads"))
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_backward_output_masks(dtype):
+    """Every output_mask of layer_norm_bwd, against torch's native_layer_norm_backward, on shapes
+    with many row blocks; calls alternate shapes, so a block-sum buffer reused from an earlier
+    call (csrc/cpu/layer_norm.cpp keeps it) holds stale values: the results must not see them."""
+    gen = torch.Generator().manual_seed(0)
+    cases = []
+    for m, n in [(256, 640), (97, 1500), (512, 64)]:
+        x = torch.randn(m, n, generator=gen, dtype=dtype)
+        w = torch.randn(n, generator=gen, dtype=dtype)
+        dy = torch.randn(m, n, generator=gen, dtype=dtype)
+        _, mean, rstd = torch.ops.aten.native_layer_norm(x, [n], w, None, 1e-5)
+        cases.append((x, w, dy, mean, rstd))
+    masks = [[a, b, c] for a in (True, False) for b in (True, False) for c in (True, False)]
+    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 1e-10, "rtol": 1e-10}
+    for mask in masks:
+        for x, w, dy, mean, rstd in cases:
+            n = x.shape[-1]
+            ours = torch.ops.normext.layer_norm_bwd(dy, x, 1, mean, rstd, w, mask)
+            # (torch's op needs a bias tensor to return grad_bias; its value is not used)
+            ref = torch.ops.aten.native_layer_norm_backward(
+                dy, x, [n], mean, rstd, w, torch.zeros_like(w), mask)
+            for k in range(3):
+                if mask[k]:
+                    torch.testing.assert_close(ours[k], ref[k], **tol, msg=prefixed(f"{mask} {k}"))

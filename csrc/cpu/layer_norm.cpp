@@ -31,6 +31,28 @@ constexpr int64_t kBlocks = 64;
 constexpr int64_t kBlockValues = 16384;  // a row block of the backward's sums holds at least these
 constexpr int64_t kMaxPartial = int64_t{1} << 24;  // fused backward's partial sums (see below)
 constexpr int64_t kColTile = 1024;                   // columns per task in column_sums
+constexpr int64_t kKeptBytes = 8 << 20;  // block sums up to this size reuse a kept buffer
+
+// Scratch for n values of the backward's block sums. Up to kKeptBytes it is a buffer the calling
+// thread keeps between calls: a fresh buffer of a few MB comes back from the kernel as new pages
+// on every call (glibc returns large freed blocks), and faulting them in cost more than the
+// sums themselves ((1024, 4096) float32: 2 MB, 512 page faults per call). Larger ones are
+// allocated (into `owned`) and freed with the call. The contents are never read before they
+// are written, so the reuse cannot leak one call's values into another.
+template <typename A>
+A* block_sums_scratch(int64_t n, std::unique_ptr<A[]>& owned) {
+  if (n * static_cast<int64_t>(sizeof(A)) > kKeptBytes) {
+    owned.reset(new A[n]);
+    return owned.get();
+  }
+  thread_local std::unique_ptr<A[]> kept;
+  thread_local int64_t kept_n = 0;
+  if (kept_n < n) {
+    kept.reset(new A[n]);
+    kept_n = n;
+  }
+  return kept.get();
+}
 
 // Mean and rstd of one row of n values.
 template <typename T>
@@ -296,12 +318,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
         sums && M > 0 && blocks * 2 * N <= std::max<int64_t>(kMaxPartial, M * N / 2);
     // Not zeroed: each block's first row stores its sums (zeroing them here took a serial
     // memset of up to 4 MB, and one more write of them).
-    std::unique_ptr<A[]> part(fused ? new A[blocks * 2 * N] : nullptr);
+    std::unique_ptr<A[]> owned;
+    A* part = fused ? block_sums_scratch<A>(blocks * 2 * N, owned) : nullptr;
     if (N > 0 && M > 0) {
       auto body = [&](int64_t b0, int64_t b1) {
         for (int64_t blk = b0; blk < b1; ++blk) {
-          A* dws = mask[1] ? part.get() + blk * 2 * N : nullptr;
-          A* dbs = mask[2] ? part.get() + blk * 2 * N + N : nullptr;
+          A* dws = mask[1] ? part + blk * 2 * N : nullptr;
+          A* dbs = mask[2] ? part + blk * 2 * N + N : nullptr;
           const int64_t r0 = blk * M / blocks, r1 = (blk + 1) * M / blocks;
           for (int64_t r = r0; r < r1; ++r)
             row_backward(gp + r * N, xp + r * N, dxp ? dxp + r * N : nullptr, N, mp[r], rp[r], wp,
@@ -335,7 +358,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
           std::fill(sw, sw + n, 0.0);
           std::fill(sb, sb + n, 0.0);
           for (int64_t blk = 0; blk < blocks; ++blk) {
-            const A* pw = part.get() + blk * 2 * N + j0;
+            const A* pw = part + blk * 2 * N + j0;
             const A* pb = pw + N;
             if (dwp)
               for (int64_t j = 0; j < n; ++j) sw[j] += pw[j];
