@@ -590,3 +590,36 @@ def test_layer_norm_statistics_with_an_outlying_first_chunk(first):
     m64, v64 = _stats64(x, (1,))
     torch.testing.assert_close(mean.double(), m64, rtol=1e-6, atol=1e-4)
     torch.testing.assert_close(rstd.double(), (v64 + 1e-5).rsqrt(), rtol=2e-5, atol=0)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["nc", "channels_last"])
+def test_output_accuracy_across_offsets(layout, training):
+    """Channels-last float32 outputs take y = x * alpha + beta when every channel's mean lies
+    within a few standard deviations of 0 (csrc/cpu/batch_norm.cpp, kFoldOffset), else
+    (x - mean) * scale + shift. Either way each channel's output error stays within a few units
+    in the last place of the output's scale, against float64: with channel means from 0 to 1e4
+    standard deviations, and with all of them small (the folded form)."""
+    gen = torch.Generator().manual_seed(0)
+    for offsets in ([0.0, 1.0, -4.0, 7.5], [0.0, 7.5, 20.0, -1e3, 1e4]):
+        c = len(offsets)
+        shape = (2048, c) if layout == "nc" else (16, c, 9, 13)
+        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+        view = x.transpose(0, 1)  # view[k]: channel k
+        std = 1e-2
+        for k, off in enumerate(offsets):
+            view[k] = view[k] * std + off * std
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        x32 = x.float()
+        w = torch.rand(c, generator=gen) + 0.5
+        b = torch.randn(c, generator=gen)
+        dims = [0, *range(2, x.dim())]
+        rm = x32.double().mean(dim=dims).float()
+        rv = x32.double().var(dim=dims, unbiased=False).float()
+        y = NF.batch_norm(x32, rm.clone(), rv.clone(), w, b, training=training, momentum=0.0)
+        ref = F.batch_norm(x32.double(), rm.double(), rv.double(), w.double(), b.double(),
+                           training=training, eps=1e-5)
+        scale = (ref.abs().amax(dim=dims) + w.double()).view(1, c, *[1] * (x.dim() - 2))
+        err = ((y.double() - ref).abs() / scale).amax(dim=dims)
+        assert (err <= 32 * torch.finfo(torch.float32).eps).all(), (offsets, err)

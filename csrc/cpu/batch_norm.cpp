@@ -39,6 +39,10 @@ inline namespace CPU_CAPABILITY {
 namespace {
 
 constexpr int64_t kTasks = 64;
+// The folded channels-last output (rows_scale_shift) is used when every |mean| <= kFoldOffset
+// standard deviations: x * alpha then exceeds the output's own scale by at most that factor, so
+// its rounding adds at most a few units in the last place (torch folds unconditionally).
+constexpr double kFoldOffset = 8.0;
 
 // ---- work units -------------------------------------------------------------------------------
 //
@@ -336,6 +340,35 @@ struct Rows {
   }
 };
 
+// Channels-last forward output with folded constants: out = x * alpha + beta. One coefficient
+// stream less than apply()'s (x - m) * b + k: three streams per value (x, alpha, beta) as torch's
+// own loop has; measured (4096, 1024) float32 eval, one thread: (x - m) form 2.9 ms, torch 2.5,
+// a plain copy 2.1. Only for channels whose mean is within kFoldOffset standard deviations of 0
+// (see batch_norm_fwd): farther out, x * alpha and beta cancel and lose digits.
+template <typename T>
+void rows_scale_shift(const T* x, T* out, int64_t R, int64_t C, const acc_t<T>* alpha,
+                      const acc_t<T>* beta) {
+  using P = VecPair<T>;
+  using A = typename P::A;
+  using V = typename P::V;
+  const int64_t h = V::size();
+  at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
+                   [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * C;
+      T* yr = out + r * C;
+      int64_t j = 0;
+      for (; j + P::kStep <= C; j += P::kStep) {
+        V x0, x1;
+        P::load(xr + j, x0, x1);
+        P::store(yr + j, at::vec::fmadd(x0, V::loadu(alpha + j), V::loadu(beta + j)),
+                 at::vec::fmadd(x1, V::loadu(alpha + j + h), V::loadu(beta + j + h)));
+      }
+      for (; j < C; ++j) yr[j] = static_cast<T>(static_cast<A>(xr[j]) * alpha[j] + beta[j]);
+    }
+  });
+}
+
 // ---- statistics ------------------------------------------------------------------------------
 
 // A planar per-channel reduction: add(acc, u) adds unit u into acc, the partial result R of its
@@ -559,7 +592,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
     A* sm = save_mean.mutable_data_ptr<A>();
     A* si = save_invstd.mutable_data_ptr<A>();
     A* sv = training ? batch_var.mutable_data_ptr<A>() : nullptr;
-    std::vector<A> m(C), scale(C), shift(C);
+    std::vector<A> m(C), scale(C), shift(C), beta(sh.channels_last ? C : 0);
+    // Whether every channel's mean is within kFoldOffset standard deviations of 0: then the
+    // channels-last output takes the folded y = x * scale + beta (rows_scale_shift).
+    bool fold = sh.channels_last;
     // Channel c's outputs and the constants of y = (x - m) * scale + shift, from its statistics.
     auto set_channel = [&](int64_t c, double mean, double var) {
       const double invstd = 1.0 / std::sqrt(var + eps);
@@ -570,7 +606,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
       scale[c] = static_cast<A>(sc);
       // m is the mean rounded to A; the rounding error (mean - m) is folded into the shift so
       // large offsets lose nothing.
-      shift[c] = static_cast<A>((bp ? bp[c] : 0.0) - (mean - static_cast<double>(m[c])) * sc);
+      const double bias_c = bp ? bp[c] : 0.0;
+      shift[c] = static_cast<A>(bias_c - (mean - static_cast<double>(m[c])) * sc);
+      if (sh.channels_last) {
+        fold = fold && std::fabs(mean) * invstd <= kFoldOffset;
+        beta[c] = static_cast<A>(bias_c - mean * static_cast<double>(scale[c]));
+      }
     };
     if (training && fused_planar(sh, sizeof(scalar_t), sizeof(scalar_t))) {
       // Each channel's statistics, then its output, while the channel is in L2: x is read from
@@ -596,7 +637,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
       const std::vector<double> rm = to_doubles(*running_mean), rv = to_doubles(*running_var);
       for (int64_t c = 0; c < C; ++c) set_channel(c, rm[c], rv[c]);
     }
-    if (x.numel() > 0)
+    if (x.numel() == 0) return;
+    if (fold)
+      rows_scale_shift(xp, yp, sh.n * sh.s, C, scale.data(), beta.data());
+    else
       channel_apply<scalar_t>(nullptr, xp, yp, sh, nullptr, scale.data(), m.data(), shift.data());
   });
   return {y, save_mean, save_invstd, batch_var};
