@@ -419,6 +419,18 @@ inline void for_channel_units(const Planar& pl, int64_t c, const F& f) {
 // make the elementwise pass hop through memory, where the unfused one streams in memory order
 // (measured: (32, 256, 14, 14) float32 backward 0.66 ms unfused, 0.86 ms fused). Fused or not,
 // the results are the same.
+// The fused ops walk a channel plane by plane, each plane C * S values past the last: the
+// hardware prefetchers lose the stream at every jump, and the first lines of each plane wait
+// on memory. So while one plane is summed, the next one of the channel is prefetched into L2
+// (a prefetch a cache line). Measured, interleaved with torch, (32, 64, 56, 56): bf16 forward
+// 1.05-1.15x -> 1.29-1.33x torch, backward 1.08-1.10x -> 1.19-1.25x; float32 forward
+// 2.6-2.85x -> 3.0-3.2x, backward unchanged (1.09-1.21x). Short planes (not fused, mostly in
+// cache) gained nothing from it.
+inline void prefetch_span(const void* p, int64_t bytes) {
+  const char* q = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(q + o, 0, 2);
+}
+
 constexpr int64_t kFuseBytes = 1 << 20;
 constexpr int64_t kFusePlaneBytes = 4096;
 inline bool fused_planar(const BnShape& sh, int64_t bytes_per_value, int64_t elem_size) {
@@ -620,7 +632,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
       at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           MomentsAcc<A> acc;
-          for_channel_units(pl, c, [&](int64_t u) { acc.add(xp + pl.offset(u), pl.length(u)); });
+          for_channel_units(pl, c, [&](int64_t u) {
+            const int64_t next = u + pl.C * pl.segs;  // the same segment, next plane of channel c
+            if (next < pl.units)
+              prefetch_span(xp + pl.offset(next), pl.length(u) * sizeof(scalar_t));
+            acc.add(xp + pl.offset(u), pl.length(u));
+          });
           const Moments mo = acc.result();
           set_channel(c, mo.mean, mo.var());
           for_channel_units(pl, c, [&](int64_t u) {
@@ -698,6 +715,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
         for (int64_t c = c0; c < c1; ++c) {
           Sum2 sums;
           for_channel_units(pl, c, [&](int64_t u) {
+            const int64_t next = u + pl.C * pl.segs;  // the same segment, next plane of channel c
+            if (next < pl.units) {
+              prefetch_span(xp + pl.offset(next), pl.length(u) * sizeof(scalar_t));
+              prefetch_span(gp + pl.offset(next), pl.length(u) * sizeof(scalar_t));
+            }
             sums.merge(span_grad_sums(gp + pl.offset(u), xp + pl.offset(u), pl.length(u), mean[c]));
           });
           set_channel(c, sums.sd, sums.sdd);
