@@ -84,7 +84,7 @@ void update_stats_generic(at::Tensor& running_mean, at::Tensor& running_var,
                           double momentum, int64_t count,
                           const c10::optional<at::Tensor>& num_batches_tracked) {
   if (count == 0 || running_mean.numel() == 0) return;
-  const double unbias = count > 1 ? static_cast<double>(count) / static_cast<double>(count - 1) : 1.0;
+  const double unbias = unbias_factor(count);
   if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
     const at::Tensor& nbt = *num_batches_tracked;
     if (nbt.device().is_cpu()) {  // the count is on the host: read it, no device sync

@@ -75,12 +75,18 @@ struct BnShape {
   int64_t count() const { return n * s; }  // values per channel
 };
 
+// S: the product of x's spatial sizes (dims 2 on), 1 for an (N, C) input.
+inline int64_t bn_spatial_size(const at::Tensor& x) {
+  int64_t s = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) s *= x.size(d);
+  return s;
+}
+
 // Returns x in a layout the kernels handle (itself when possible, else a planar copy).
 inline at::Tensor bn_layout(const at::Tensor& x, BnShape& shape) {
   shape.n = x.size(0);
   shape.c = x.size(1);
-  shape.s = 1;
-  for (int64_t d = 2; d < x.dim(); ++d) shape.s *= x.size(d);
+  shape.s = bn_spatial_size(x);
   // An empty x counts as contiguous whatever its strides: keep a channels-last one's layout.
   if ((shape.s == 1 || !x.is_contiguous() || x.numel() == 0) && is_channels_last_like(x)) {
     shape.channels_last = true;
@@ -120,6 +126,11 @@ void check_bn_fwd_args(const at::Tensor& input, const c10::optional<at::Tensor>&
 void check_update_stats_args(const at::Tensor& running_mean, const at::Tensor& running_var,
                              const at::Tensor& batch_mean, const at::Tensor& batch_var,
                              int64_t count, const c10::optional<at::Tensor>& num_batches_tracked);
+// count / (count - 1): the factor that makes a batch's biased variance over count values unbiased
+// (1 for a single value).
+inline double unbias_factor(int64_t count) {
+  return count > 1 ? static_cast<double>(count) / static_cast<double>(count - 1) : 1.0;
+}
 void update_stats_generic(at::Tensor& running_mean, at::Tensor& running_var,
                           const at::Tensor& batch_mean, const at::Tensor& batch_var,
                           double momentum, int64_t count,

@@ -40,8 +40,7 @@ bool reduced(const at::Tensor& x) {
 
 bool bn_avx512(const at::Tensor& x) {
   if (!avx512_usable() || !reduced(x) || x.dim() < 2) return false;
-  int64_t s = 1;
-  for (int64_t d = 2; d < x.dim(); ++d) s *= x.size(d);
+  const int64_t s = bn_spatial_size(x);
   return s == 1 || s >= kShortPlane || is_channels_last_like(x);
 }
 

@@ -371,7 +371,7 @@ void batch_norm_update_stats_(at::Tensor& running_mean, at::Tensor& running_var,
     return;
   }
   const c10::cuda::CUDAGuard guard(running_mean.device());
-  const double unbias = count > 1 ? static_cast<double>(count) / static_cast<double>(count - 1) : 1.0;
+  const double unbias = unbias_factor(count);
   const int64_t* nbt_ptr = nbt ? num_batches_tracked->const_data_ptr<int64_t>() : nullptr;
   constexpr int kThreads = 256;
   const auto blocks = static_cast<unsigned>(ceil_div(C, kThreads));
