@@ -107,6 +107,26 @@ def test_large_channels_last(dtype):
     run_bn((8, 96, 28, 28), dtype, "channels_last")
 
 
+# Inputs past the size at which outputs are written with non-temporal stores (vec_utils.h's
+# stream_output: 24 MB touched, long aligned runs), one per path: the fused NCHW forward and
+# backward (64 channels of 8 planes of 16383 values, so planes start unaligned), the unfused
+# NCHW walk over long planes, channels-last rows, and (N, C) rows.
+STREAMED_CASES = [
+    ((8, 64, 127, 129), "contiguous", torch.float32),
+    ((8, 64, 127, 129), "contiguous", torch.bfloat16),
+    ((4, 8, 509, 511), "contiguous", torch.float32),
+    ((8, 64, 97, 101), "channels_last", torch.float32),
+    ((32768, 128), "contiguous", torch.float32),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape,layout,dtype", STREAMED_CASES, ids=str)
+def test_streamed_outputs(shape, layout, dtype, training):
+    run_bn(shape, dtype, layout, training=training)
+
+
 LAYOUT_CASES = (
     [((6, 5, 37), layout) for layout in LAYOUTS]
     + [((37, 5), layout) for layout in LAYOUTS]

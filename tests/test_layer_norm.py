@@ -93,6 +93,18 @@ def test_large_shapes(shape, normalized_shape, dtype):
     run_ln(shape, normalized_shape, dtype)
 
 
+# Past the size at which outputs are written with non-temporal stores (vec_utils.h's
+# stream_output: 24 MB touched, rows a multiple of 64 bytes): forward and backward, with and
+# without the affine parameters (the unweighted forward takes span_affine).
+@pytest.mark.slow
+@pytest.mark.parametrize("affine", ["both", "none"])
+@pytest.mark.parametrize(
+    "shape,dtype", [((1536, 2048), torch.float32), ((3072, 2048), torch.bfloat16)], ids=str
+)
+def test_streamed_outputs(shape, dtype, affine):
+    run_ln(shape, shape[-1:], dtype, affine=affine)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS + ["channels_last"])
 @pytest.mark.parametrize("normalized_ndim", [1, 2])

@@ -311,6 +311,8 @@ struct Rows {
 
   // out = a * g + b * (x - m) + k   (g == nullptr: out = (x - m) * b + k, the forward apply;
   //                                  x == nullptr: out = a * g, the eval backward)
+  // (NT: non-temporal stores, for rows that start kStreamAlign-aligned; see stream_output.)
+  template <bool NT = false>
   static void apply(const T* g, const T* x, T* out, int64_t C, const A* a, const A* b,
                     const A* m, const A* k) {
     int64_t j = 0;
@@ -329,7 +331,7 @@ struct Rows {
         r0 = at::vec::fmadd(g0, V::loadu(a + j), r0);
         r1 = at::vec::fmadd(g1, V::loadu(a + j + h), r1);
       }
-      P::store(out + j, r0, r1);
+      P::template put<NT>(out + j, r0, r1);
     }
     for (; j < C; ++j) {
       A r = 0;
@@ -344,26 +346,40 @@ struct Rows {
   // loop has. Measured, (4096, 1024) float32 eval, one thread: (x - m) form 2.9 ms, torch 2.5,
   // a plain copy 2.1. Only for channels whose mean is within kFoldOffset standard deviations of
   // 0 (see batch_norm_fwd): farther out, x * alpha and beta cancel and lose digits.
+  template <bool NT = false>
   static void scale_shift(const T* x, T* out, int64_t C, const A* alpha, const A* beta) {
     const int64_t h = V::size();
     int64_t j = 0;
     for (; j + P::kStep <= C; j += P::kStep) {
       V x0, x1;
       P::load(x + j, x0, x1);
-      P::store(out + j, at::vec::fmadd(x0, V::loadu(alpha + j), V::loadu(beta + j)),
-               at::vec::fmadd(x1, V::loadu(alpha + j + h), V::loadu(beta + j + h)));
+      P::template put<NT>(out + j, at::vec::fmadd(x0, V::loadu(alpha + j), V::loadu(beta + j)),
+                          at::vec::fmadd(x1, V::loadu(alpha + j + h), V::loadu(beta + j + h)));
     }
     for (; j < C; ++j) out[j] = static_cast<T>(static_cast<A>(x[j]) * alpha[j] + beta[j]);
   }
 };
 
-// f(r) for each of R rows of C values, the rows in ranges across threads.
+// f(r) for each of R rows of C values, the rows in ranges across threads (each range ends with
+// stream_fence, for rows written with non-temporal stores).
 template <typename F>
 inline void for_rows(int64_t R, int64_t C, const F& f) {
   at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
                    [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) f(r);
+    stream_fence();
   });
+}
+
+// Whether an elementwise pass over layout `sh` writes its output with non-temporal stores
+// (stream_output in vec_utils.h): `arrays` arrays of the input's size are touched (x and y; x,
+// dy and dx), and the runs written are planes (planar) or, channels-last, the whole output when
+// every row starts aligned.
+inline bool bn_stream(const BnShape& sh, int64_t arrays, int64_t elem_size, const void* out) {
+  const int64_t bytes = arrays * sh.count() * sh.c * elem_size;
+  if (!sh.channels_last) return stream_output(bytes, sh.s * elem_size);
+  return stream_aligned(out) && (sh.c * elem_size) % kStreamAlign == 0 &&
+         stream_output(bytes, kStreamRunBytes);
 }
 
 // ---- statistics ------------------------------------------------------------------------------
@@ -525,8 +541,9 @@ void channel_grad_sums(const T* dy, const T* x, const BnShape& sh, const acc_t<T
     }
 }
 
-// out = a[c] * g + b[c] * (x - m[c]) + k[c] elementwise, with g or x possibly absent (see Rows).
-template <typename T>
+// out = a[c] * g + b[c] * (x - m[c]) + k[c] elementwise, with g or x possibly absent (see Rows);
+// with non-temporal stores if NT.
+template <typename T, bool NT>
 void channel_apply(const T* g, const T* x, T* out, const BnShape& sh, const acc_t<T>* a,
                    const acc_t<T>* b, const acc_t<T>* m, const acc_t<T>* k) {
   const int64_t C = sh.c;
@@ -539,20 +556,22 @@ void channel_apply(const T* g, const T* x, T* out, const BnShape& sh, const acc_
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t off = pl.offset(u), len = pl.length(u);
         if (g == nullptr)
-          span_affine(x + off, out + off, len, m[c], b[c], k[c]);
+          span_affine<T, NT>(x + off, out + off, len, m[c], b[c], k[c]);
         else
-          span_dx(g + off, x == nullptr ? nullptr : x + off, out + off, len, a[c],
-                  b == nullptr ? 0 : b[c], m == nullptr ? 0 : m[c], k == nullptr ? 0 : k[c]);
+          span_dx<T, NT>(g + off, x == nullptr ? nullptr : x + off, out + off, len, a[c],
+                         b == nullptr ? 0 : b[c], m == nullptr ? 0 : m[c],
+                         k == nullptr ? 0 : k[c]);
         if (++s == pl.segs) {
           s = 0;
           if (++c == C) c = 0;
         }
       }
+      stream_fence();
     });
   } else {
     for_rows(sh.n * sh.s, C, [&](int64_t r) {
-      Rows<T>::apply(g == nullptr ? nullptr : g + r * C, x == nullptr ? nullptr : x + r * C,
-                     out + r * C, C, a, b, m, k);
+      Rows<T>::template apply<NT>(g == nullptr ? nullptr : g + r * C,
+                                  x == nullptr ? nullptr : x + r * C, out + r * C, C, a, b, m, k);
     });
   }
 }
@@ -623,6 +642,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
       // Each channel's statistics, then its output, while the channel is in L2: x is read from
       // memory once. The statistics merge in planar_reduce's order, so the results are the same.
       const Planar pl(sh);
+      const bool nt = bn_stream(sh, 2, sizeof(scalar_t), yp);
       at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           MomentsAcc<A> acc;
@@ -635,9 +655,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
           const Moments mo = acc.result();
           set_channel(c, mo.mean, mo.var());
           for_channel_units(pl, c, [&](int64_t u) {
-            span_affine(xp + pl.offset(u), yp + pl.offset(u), pl.length(u), m[c], scale[c], shift[c]);
+            const int64_t off = pl.offset(u);
+            const int64_t len = pl.length(u);
+            if (nt)
+              span_affine<scalar_t, true>(xp + off, yp + off, len, m[c], scale[c], shift[c]);
+            else
+              span_affine(xp + off, yp + off, len, m[c], scale[c], shift[c]);
           });
         }
+        stream_fence();
       });
       return;
     }
@@ -649,12 +675,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
       for (int64_t c = 0; c < C; ++c) set_channel(c, rm[c], rv[c]);
     }
     if (x.numel() == 0) return;
-    if (fold)
-      for_rows(sh.n * sh.s, C, [&](int64_t r) {
-        Rows<scalar_t>::scale_shift(xp + r * C, yp + r * C, C, scale.data(), beta.data());
-      });
-    else
-      channel_apply<scalar_t>(nullptr, xp, yp, sh, nullptr, scale.data(), m.data(), shift.data());
+    with_stream(bn_stream(sh, 2, sizeof(scalar_t), yp), [&](auto nt) {
+      constexpr bool NT = decltype(nt)::value;
+      if (fold)
+        for_rows(sh.n * sh.s, C, [&](int64_t r) {
+          Rows<scalar_t>::template scale_shift<NT>(xp + r * C, yp + r * C, C, scale.data(),
+                                                   beta.data());
+        });
+      else
+        channel_apply<scalar_t, NT>(nullptr, xp, yp, sh, nullptr, scale.data(), m.data(),
+                                    shift.data());
+    });
   });
   return {y, save_mean, save_invstd, batch_var};
 }
@@ -707,6 +738,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
       // Each channel's sums, then its dx, while the channel's x and dy are in L2 (read from
       // memory once). The sums merge in planar_reduce's order, so the results are the same.
       const Planar pl(sh);
+      const bool nt = bn_stream(sh, training ? 3 : 2, sizeof(scalar_t), dxp);
       at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           Sum2 sums;
@@ -719,15 +751,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
             sums.merge(span_grad_sums(gp + pl.offset(u), xp + pl.offset(u), pl.length(u), mean[c]));
           });
           set_channel(c, sums.sd, sums.sdd);
+          const scalar_t* xc = training ? xp : nullptr;  // eval: dx = a * dy
+          const A bc = training ? b[c] : A(0), mc = training ? mean[c] : A(0),
+                  kc = training ? k[c] : A(0);
           for_channel_units(pl, c, [&](int64_t u) {
             const int64_t off = pl.offset(u);
-            if (training)
-              span_dx(gp + off, xp + off, dxp + off, pl.length(u), a[c], b[c], mean[c], k[c]);
+            const scalar_t* xu = xc ? xc + off : nullptr;
+            if (nt)
+              span_dx<scalar_t, true>(gp + off, xu, dxp + off, pl.length(u), a[c], bc, mc, kc);
             else
-              span_dx(gp + off, static_cast<const scalar_t*>(nullptr), dxp + off, pl.length(u),
-                      a[c], A(0), A(0), A(0));
+              span_dx(gp + off, xu, dxp + off, pl.length(u), a[c], bc, mc, kc);
           });
         }
+        stream_fence();
       });
       return;
     }
@@ -735,9 +771,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
     if (need_sums && x.numel() > 0) channel_grad_sums(gp, xp, sh, mean, s1, s2);
     for (int64_t c = 0; c < C; ++c) set_channel(c, s1[c], s2[c]);
     if (!mask[0] || x.numel() == 0) return;
-    channel_apply<scalar_t>(gp, training ? xp : nullptr, dxp, sh, a.data(),
-                            training ? b.data() : nullptr, training ? mean : nullptr,
-                            training ? k.data() : nullptr);
+    with_stream(bn_stream(sh, training ? 3 : 2, sizeof(scalar_t), dxp), [&](auto nt) {
+      channel_apply<scalar_t, decltype(nt)::value>(
+          gp, training ? xp : nullptr, dxp, sh, a.data(), training ? b.data() : nullptr,
+          training ? mean : nullptr, training ? k.data() : nullptr);
+    });
   });
   return {dx, dw, db};
 }

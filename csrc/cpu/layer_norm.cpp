@@ -55,6 +55,14 @@ A* block_sums_scratch(int64_t n, std::unique_ptr<A[]>& owned) {
 }
 
 // Mean and rstd of one row of n values.
+// Whether a pass over M rows of N values writes its output rows with non-temporal stores
+// (stream_output in vec_utils.h): `arrays` arrays of M * N values are touched (x and y; x, dy
+// and dx) and every output row starts aligned.
+inline bool ln_stream(int64_t M, int64_t N, int64_t arrays, int64_t elem_size, const void* out) {
+  return stream_aligned(out) && (N * elem_size) % kStreamAlign == 0 &&
+         stream_output(arrays * M * N * elem_size, kStreamRunBytes);
+}
+
 template <typename T>
 inline void row_moments(const T* x, int64_t n, double eps, double& mean, double& rstd) {
   const Moments mo = span_moments(x, n);
@@ -64,14 +72,15 @@ inline void row_moments(const T* x, int64_t n, double eps, double& mean, double&
 
 // y = ((x - mean) * rstd + lo) * w + b over one row (w or b may be null); lo = -(the mean's
 // rounding error) * rstd corrects for the mean being rounded to acc_t (large offsets).
-template <typename T>
+// NT: y is written with non-temporal stores (y must then be kStreamAlign-aligned; see ln_stream).
+template <typename T, bool NT = false>
 inline void row_forward(const T* x, T* y, int64_t n, acc_t<T> mean, acc_t<T> rstd, acc_t<T> lo,
                         const acc_t<T>* w, const acc_t<T>* b) {
   using P = VecPair<T>;
   using A = typename P::A;
   using V = typename P::V;
   if (w == nullptr && b == nullptr) {
-    span_affine(x, y, n, mean, rstd, lo);
+    span_affine<T, NT>(x, y, n, mean, rstd, lo);
     return;
   }
   const V vm(mean), vr(rstd), vlo(lo), one(A(1)), zero(A(0));
@@ -84,7 +93,7 @@ inline void row_forward(const T* x, T* y, int64_t n, acc_t<T> mean, acc_t<T> rst
     c = at::vec::fmadd(c - vm, vr, vlo);
     const V w0 = w ? V::loadu(w + j) : one, w1 = w ? V::loadu(w + j + h) : one;
     const V b0 = b ? V::loadu(b + j) : zero, b1 = b ? V::loadu(b + j + h) : zero;
-    P::store(y + j, at::vec::fmadd(a, w0, b0), at::vec::fmadd(c, w1, b1));
+    P::template put<NT>(y + j, at::vec::fmadd(a, w0, b0), at::vec::fmadd(c, w1, b1));
   }
   for (; j < n; ++j) {
     A v = (static_cast<A>(x[j]) - mean) * rstd + lo;
@@ -118,10 +127,11 @@ inline acc_t<T> row_shift(const T* x, int64_t n, acc_t<T> mean, acc_t<T> rstd) {
 }
 
 // dx for one row, and its dy * xhat and dy added into the column sums (when asked for; `first`
-// stores them instead, so the sums need no zeroing beforehand).
+// stores them instead, so the sums need no zeroing beforehand). NT: dx is written with
+// non-temporal stores (dx must then be kStreamAlign-aligned).
 // Two passes over the row (it stays in L1): the sums of g, g * (x - mean) * rstd and x - mean
 // (for lo, see row_shift), then dx and the column sums together.
-template <typename T>
+template <typename T, bool NT = false>
 inline void row_backward(const T* dy, const T* x, T* dx, int64_t n, acc_t<T> mean, acc_t<T> rstd,
                          const acc_t<T>* w, acc_t<T>* dw_sum, acc_t<T>* db_sum,
                          bool first = false) {
@@ -178,7 +188,7 @@ inline void row_backward(const T* dy, const T* x, T* dx, int64_t n, acc_t<T> mea
         g0 = g0 * V::loadu(w + j);
         g1 = g1 * V::loadu(w + j + h);
       }
-      P::store(dx + j, vr * (g0 - vc1 - xh0 * vc2), vr * (g1 - vc1 - xh1 * vc2));
+      P::template put<NT>(dx + j, vr * (g0 - vc1 - xh0 * vc2), vr * (g1 - vc1 - xh1 * vc2));
     }
     if (dw_sum != nullptr) {
       const V z(A(0));
@@ -264,16 +274,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
     A* rp = rstd.mutable_data_ptr<A>();
     const A* wp = ptr_or_null<A>(w);
     const A* bp = ptr_or_null<A>(b);
-    at::parallel_for(0, M, std::max<int64_t>(1, 8192 / std::max<int64_t>(N, 1)),
-                     [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        double m, rs;
-        row_moments(xp + r * N, N, eps, m, rs);
-        mp[r] = static_cast<A>(m);
-        rp[r] = static_cast<A>(rs);
-        const A lo = static_cast<A>(-(m - static_cast<double>(mp[r])) * rs);
-        row_forward(xp + r * N, yp + r * N, N, mp[r], rp[r], lo, wp, bp);
-      }
+    with_stream(ln_stream(M, N, 2, sizeof(scalar_t), yp), [&](auto nt) {
+      at::parallel_for(0, M, std::max<int64_t>(1, 8192 / std::max<int64_t>(N, 1)),
+                       [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          double m, rs;
+          row_moments(xp + r * N, N, eps, m, rs);
+          mp[r] = static_cast<A>(m);
+          rp[r] = static_cast<A>(rs);
+          const A lo = static_cast<A>(-(m - static_cast<double>(mp[r])) * rs);
+          row_forward<scalar_t, decltype(nt)::value>(xp + r * N, yp + r * N, N, mp[r], rp[r], lo,
+                                                      wp, bp);
+        }
+        stream_fence();
+      });
     });
   });
   return {y, mean, rstd};
@@ -320,27 +334,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
     // memset of up to 4 MB, and one more write of them).
     std::unique_ptr<A[]> owned;
     A* part = fused ? block_sums_scratch<A>(blocks * 2 * N, owned) : nullptr;
-    if (N > 0 && M > 0) {
+    auto rows = [&](auto nt) {
+      constexpr bool NT = decltype(nt)::value;
       auto body = [&](int64_t b0, int64_t b1) {
         for (int64_t blk = b0; blk < b1; ++blk) {
           A* dws = mask[1] ? part + blk * 2 * N : nullptr;
           A* dbs = mask[2] ? part + blk * 2 * N + N : nullptr;
           const int64_t r0 = blk * M / blocks, r1 = (blk + 1) * M / blocks;
           for (int64_t r = r0; r < r1; ++r)
-            row_backward(gp + r * N, xp + r * N, dxp ? dxp + r * N : nullptr, N, mp[r], rp[r], wp,
-                         dws, dbs, r == r0);
+            row_backward<scalar_t, NT>(gp + r * N, xp + r * N, dxp ? dxp + r * N : nullptr, N,
+                                       mp[r], rp[r], wp, dws, dbs, r == r0);
         }
+        stream_fence();
       };
       if (fused) {
         at::parallel_for(0, blocks, serial_grain(blocks, M * N), body);
       } else if (dxp != nullptr) {
         at::parallel_for(0, M, std::max<int64_t>(1, 8192 / N), [&](int64_t r0, int64_t r1) {
           for (int64_t r = r0; r < r1; ++r)
-            row_backward<scalar_t>(gp + r * N, xp + r * N, dxp + r * N, N, mp[r], rp[r], wp,
-                                   nullptr, nullptr);
+            row_backward<scalar_t, NT>(gp + r * N, xp + r * N, dxp + r * N, N, mp[r], rp[r], wp,
+                                       nullptr, nullptr);
+          stream_fence();
         });
       }
-    }
+    };
+    if (N > 0 && M > 0)
+      with_stream(dxp != nullptr && ln_stream(M, N, 3, sizeof(scalar_t), dxp), rows);
     if (sums && !fused)
       column_sums(gp, xp, M, N, mp, rp, mask[1] ? dw.mutable_data_ptr<A>() : nullptr,
                   mask[2] ? db.mutable_data_ptr<A>() : nullptr);
