@@ -116,7 +116,9 @@ STREAMED_CASES = [
     ((8, 64, 127, 129), "contiguous", torch.bfloat16),
     ((4, 8, 509, 511), "contiguous", torch.float32),
     ((8, 64, 97, 101), "channels_last", torch.float32),
+    ((8, 64, 97, 101), "channels_last", torch.float16),
     ((32768, 128), "contiguous", torch.float32),
+    ((32768, 128), "contiguous", torch.float64),
 ]
 
 
