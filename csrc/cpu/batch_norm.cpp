@@ -445,6 +445,17 @@ inline void prefetch_span(const void* p, int64_t bytes) {
 }
 
 constexpr int64_t kFuseBytes = 1 << 20;
+// While a fused op writes channel c's output (from L2), it reads nothing from memory: so it
+// prefetches the next channel's first units (the same planes, S values on), as many as fit in
+// kFuseBytes beside channel c's (all of them when a channel takes half of it at most), and the
+// next channel's sums start from L2. Measured, (32, 64, 56, 56), interleaved in one process
+// (quartiles): fp32 forward 1.24-1.49 -> 1.11-1.27 ms, bf16 backward 1.69-1.84 -> 1.58-1.68 ms;
+// bf16 forward and fp32 backward (8 of 32 units fit) unchanged.
+inline int64_t ahead_units(const Planar& pl, int64_t bytes_per_value) {
+  const int64_t unit = std::min(kSeg, pl.S) * bytes_per_value;
+  const int64_t free = kFuseBytes - pl.N * pl.S * bytes_per_value;
+  return std::clamp<int64_t>(free / std::max<int64_t>(unit, 1), 0, pl.N * pl.segs);
+}
 constexpr int64_t kFusePlaneBytes = 4096;
 inline bool fused_planar(const BnShape& sh, int64_t bytes_per_value, int64_t elem_size) {
   return !sh.channels_last && sh.c >= kTasks && sh.n * sh.s * bytes_per_value <= kFuseBytes &&
@@ -643,6 +654,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
       // memory once. The statistics merge in planar_reduce's order, so the results are the same.
       const Planar pl(sh);
       const bool nt = bn_stream(sh, 2, sizeof(scalar_t), yp);
+      const int64_t ahead = ahead_units(pl, sizeof(scalar_t));
       at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           MomentsAcc<A> acc;
@@ -654,9 +666,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
           });
           const Moments mo = acc.result();
           set_channel(c, mo.mean, mo.var());
+          int64_t pre = c + 1 < c1 ? ahead : 0;
           for_channel_units(pl, c, [&](int64_t u) {
             const int64_t off = pl.offset(u);
             const int64_t len = pl.length(u);
+            if (pre-- > 0) prefetch_span(xp + off + pl.S, len * sizeof(scalar_t));
             if (nt)
               span_affine<scalar_t, true>(xp + off, yp + off, len, m[c], scale[c], shift[c]);
             else
@@ -739,6 +753,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
       // memory once). The sums merge in planar_reduce's order, so the results are the same.
       const Planar pl(sh);
       const bool nt = bn_stream(sh, training ? 3 : 2, sizeof(scalar_t), dxp);
+      const int64_t ahead = ahead_units(pl, 2 * sizeof(scalar_t));
       at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           Sum2 sums;
@@ -754,8 +769,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
           const scalar_t* xc = training ? xp : nullptr;  // eval: dx = a * dy
           const A bc = training ? b[c] : A(0), mc = training ? mean[c] : A(0),
                   kc = training ? k[c] : A(0);
+          int64_t pre = c + 1 < c1 ? ahead : 0;
           for_channel_units(pl, c, [&](int64_t u) {
             const int64_t off = pl.offset(u);
+            if (pre-- > 0) {
+              prefetch_span(xp + off + pl.S, pl.length(u) * sizeof(scalar_t));
+              prefetch_span(gp + off + pl.S, pl.length(u) * sizeof(scalar_t));
+            }
             const scalar_t* xu = xc ? xc + off : nullptr;
             if (nt)
               span_dx<scalar_t, true>(gp + off, xu, dxp + off, pl.length(u), a[c], bc, mc, kc);
