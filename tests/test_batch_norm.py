@@ -129,6 +129,16 @@ def test_streamed_outputs(shape, layout, dtype, training):
     run_bn(shape, dtype, layout, training=training)
 
 
+# NCHW planes shorter than 4 KB with at least 64 channels: the backward's sums walk memory in
+# order, in tasks with per-channel partials (planar_reduce); one task, several, and (10000
+# channels) too many channels for the partials, so channel by channel again.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(4, 96, 5, 7), (16, 128, 7, 7), (4, 10000, 3, 3)], ids=str)
+def test_short_planes_many_channels(shape, training, dtype):
+    run_bn(shape, dtype, training=training)
+
+
 LAYOUT_CASES = (
     [((6, 5, 37), layout) for layout in LAYOUTS]
     + [((37, 5), layout) for layout in LAYOUTS]
@@ -532,6 +542,7 @@ def test_update_stats_op(momentum, count, dtype):
         ((4096, 37), "contiguous"),
         ((16, 70, 9, 11), "channels_last"),
         ((2, 3, 70001), "contiguous"),
+        ((16, 128, 7, 7), "contiguous"),
     ],
     ids=str,
 )
