@@ -9,8 +9,8 @@
 //
 // Work split (see common.h for the layouts, and "work units" below):
 //   planar (NCHW):  units are (n, c) planes, cut into segments when huge; threads take whole
-//                   channels (C >= kTasks) or ranges of units; results merge per channel in
-//                   order of n (planar_reduce).
+//                   channels or ranges of units in memory order (planar_reduce says when);
+//                   results merge per channel in order of n, then of task.
 //   channels-last:  blocks of rows (about 256 KB each) of groups of up to 1024 channels, grouped
 //                   into at most kTasks tasks by shape alone; rows stream past in memory order
 //                   with per-channel accumulators in L1; task results merge per channel in task

@@ -54,7 +54,6 @@ A* block_sums_scratch(int64_t n, std::unique_ptr<A[]>& owned) {
   return kept.get();
 }
 
-// Mean and rstd of one row of n values.
 // Whether a pass over M rows of N values writes its output rows with non-temporal stores
 // (stream_output in vec_utils.h): `arrays` arrays of M * N values are touched (x and y; x, dy
 // and dx) and every output row starts aligned.
@@ -63,6 +62,7 @@ inline bool ln_stream(int64_t M, int64_t N, int64_t arrays, int64_t elem_size, c
          stream_output(arrays * M * N * elem_size, kStreamRunBytes);
 }
 
+// Mean and rstd of one row of n values.
 template <typename T>
 inline void row_moments(const T* x, int64_t n, double eps, double& mean, double& rstd) {
   const Moments mo = span_moments(x, n);
