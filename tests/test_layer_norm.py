@@ -169,6 +169,28 @@ def test_large_offset_is_stable(n):
     assert (y.double() - ref).abs().max().item() <= REF_ERR_MULT * torch_err + 1e-4
 
 
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("n", [37, 1000, 4099])
+def test_output_accuracy_across_offsets(n, affine):
+    """A row whose mean lies within a few standard deviations of 0 is normalized as x * rstd +
+    beta (csrc/cpu/layer_norm.cpp, kFoldOffset), others as (x - mean) * rstd + lo. Either way
+    each row's output error stays within a few units in the last place of the output's scale,
+    against float64, for row means from 0 to 1e4 standard deviations."""
+    gen = torch.Generator().manual_seed(0)
+    offsets = torch.tensor([0.0, 1.0, -4.0, 7.5, 8.5, 20.0, -1e3, 1e4], dtype=torch.float64)
+    std = 1e-2
+    x = ((torch.randn(len(offsets), n, generator=gen, dtype=torch.float64) + offsets[:, None])
+         * std).float()
+    w = (torch.rand(n, generator=gen) + 0.5) if affine else None
+    b = torch.randn(n, generator=gen) if affine else None
+    y = NF.layer_norm(x, (n,), w, b, eps=1e-5)
+    ref = F.layer_norm(x.double(), (n,), None if w is None else w.double(),
+                       None if b is None else b.double(), eps=1e-5)
+    scale = ref.abs().amax(dim=1) + (1.0 if w is None else w.double().abs().max())
+    err = (y.double() - ref).abs().amax(dim=1) / scale
+    assert (err <= 32 * torch.finfo(torch.float32).eps).all(), err
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
     "shape,normalized_shape",

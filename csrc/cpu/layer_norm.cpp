@@ -29,6 +29,13 @@ inline namespace CPU_CAPABILITY {
 namespace {
 
 constexpr int64_t kBlocks = 64;
+// A row whose mean is within kFoldOffset standard deviations of 0 is normalized in the folded
+// form xhat = x * rstd + beta (beta = -mean * rstd), one operation a vector less than
+// (x - mean) * rstd + lo: x * rstd then exceeds xhat's own scale by at most that factor, so its
+// rounding adds at most a few units in the last place. Farther out, x * rstd and beta cancel.
+// Measured, interleaved in one process, 2 threads: float32 (4096, 768) forward 0.57 -> 0.52 ms,
+// (4096, 1024) 1.18 -> 1.08; bfloat16 (4096, 1024) 1.00 -> 0.93, (1024, 4096) 0.86 -> 0.80.
+constexpr double kFoldOffset = 8.0;
 constexpr int64_t kBlockValues = 16384;  // a row block of the backward's sums holds at least these
 constexpr int64_t kMaxPartial = int64_t{1} << 24;  // fused backward's partial sums (see below)
 constexpr int64_t kColTile = 1024;                   // columns per task in column_sums
@@ -71,30 +78,40 @@ inline void row_moments(const T* x, int64_t n, double eps, double& mean, double&
   rstd = 1.0 / std::sqrt(mo.var() + eps);
 }
 
-// y = ((x - mean) * rstd + lo) * w + b over one row (w or b may be null); lo = -(the mean's
-// rounding error) * rstd corrects for the mean being rounded to acc_t (large offsets).
+// y = xhat * w + b over one row (w or b may be null), with xhat = (x - mean) * rstd + lo, where
+// lo = -(the mean's rounding error) * rstd corrects for the mean being rounded to acc_t (large
+// offsets); or, given beta (a row within kFoldOffset), the folded xhat = x * rstd + beta.
 // NT: y is written with non-temporal stores (y must then be kStreamAlign-aligned; see ln_stream).
 template <typename T, bool NT = false>
 inline void row_forward(const T* x, T* y, int64_t n, acc_t<T> mean, acc_t<T> rstd, acc_t<T> lo,
-                        const acc_t<T>* w, const acc_t<T>* b) {
+                        const acc_t<T>* beta, const acc_t<T>* w, const acc_t<T>* b) {
   using P = VecPair<T>;
   using A = typename P::A;
   using V = typename P::V;
   if (w == nullptr && b == nullptr) {
-    span_affine<T, NT>(x, y, n, mean, rstd, lo);
+    if (beta)
+      span_scale_shift<T, NT>(x, y, n, rstd, *beta);
+    else
+      span_affine<T, NT>(x, y, n, mean, rstd, lo);
     return;
   }
   const V vm(mean), vr(rstd), vlo(lo), one(A(1)), zero(A(0));
   const int64_t h = V::size();
   int64_t j = 0;
-  for (; j + P::kStep <= n; j += P::kStep) {
-    V a, c;
-    P::load(x + j, a, c);
-    a = at::vec::fmadd(a - vm, vr, vlo);
-    c = at::vec::fmadd(c - vm, vr, vlo);
-    const V w0 = w ? V::loadu(w + j) : one, w1 = w ? V::loadu(w + j + h) : one;
-    const V b0 = b ? V::loadu(b + j) : zero, b1 = b ? V::loadu(b + j + h) : zero;
-    P::template put<NT>(y + j, at::vec::fmadd(a, w0, b0), at::vec::fmadd(c, w1, b1));
+  auto vectors = [&](auto xhat) {
+    for (; j + P::kStep <= n; j += P::kStep) {
+      V a, c;
+      P::load(x + j, a, c);
+      const V w0 = w ? V::loadu(w + j) : one, w1 = w ? V::loadu(w + j + h) : one;
+      const V b0 = b ? V::loadu(b + j) : zero, b1 = b ? V::loadu(b + j + h) : zero;
+      P::template put<NT>(y + j, at::vec::fmadd(xhat(a), w0, b0), at::vec::fmadd(xhat(c), w1, b1));
+    }
+  };
+  if (beta) {
+    const V vb(*beta);
+    vectors([&](const V& v) { return at::vec::fmadd(v, vr, vb); });
+  } else {
+    vectors([&](const V& v) { return at::vec::fmadd(v - vm, vr, vlo); });
   }
   for (; j < n; ++j) {
     A v = (static_cast<A>(x[j]) - mean) * rstd + lo;
@@ -284,8 +301,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
           mp[r] = static_cast<A>(m);
           rp[r] = static_cast<A>(rs);
           const A lo = static_cast<A>(-(m - static_cast<double>(mp[r])) * rs);
+          const A beta = static_cast<A>(-m * static_cast<double>(rp[r]));
+          const bool folded = std::fabs(m) * rs <= kFoldOffset;
           row_forward<scalar_t, decltype(nt)::value>(xp + r * N, yp + r * N, N, mp[r], rp[r], lo,
-                                                      wp, bp);
+                                                      folded ? &beta : nullptr, wp, bp);
         }
         stream_fence();
       });
