@@ -258,3 +258,42 @@ def test_convert_leaves_subclasses_and_others_alone():
     # a bare module can be converted too
     bn = normext.convert(nn.BatchNorm1d(3))
     assert type(bn) is normext.BatchNorm1d
+
+
+CUDA_PARAM = pytest.param(
+    "cuda",
+    marks=[
+        pytest.mark.cuda,
+        pytest.mark.skipif(
+            not (torch.cuda.is_available() and normext.with_cuda),
+            reason="needs a CUDA device and normext's CUDA kernels",
+        ),
+    ],
+)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("device", ["cpu", CUDA_PARAM])
+def test_autocast_matches_torch(device, dtype):
+    """Under torch.autocast the converted net computes what torch.nn's does, in the same dtypes:
+    on CUDA, LayerNorm is on autocast's float32 list (csrc/autocast.cpp), so its output is float32;
+    BatchNorm runs in its input's dtype; on the CPU neither is cast. Gradients too."""
+    torch.manual_seed(0)
+    ref = Net().to(device)
+    model = normext.convert(copy.deepcopy(ref))
+    x = torch.randn(6, 3, 4, 4, device=device)
+    seen = {}
+    for name, net in (("ours", model), ("torch", ref)):
+        outs = []
+        for m in (net.bn2, net.ln, net.head[1]):
+            m.register_forward_hook(lambda m, i, o, outs=outs: outs.append((i[0].dtype, o.dtype)))
+        with torch.autocast(device, dtype=dtype):
+            y = net(x)
+        y.float().square().mean().backward()
+        seen[name] = (outs, y.dtype, y, [p.grad for p in net.parameters()])
+    ours, theirs = seen["ours"], seen["torch"]
+    assert ours[0] == theirs[0]  # each norm's input and output dtypes
+    assert ours[1] == theirs[1]
+    torch.testing.assert_close(ours[2], theirs[2], atol=2e-2, rtol=2e-2)
+    for (name, _), g, h in zip(model.named_parameters(), ours[3], theirs[3]):
+        torch.testing.assert_close(g, h, atol=2e-2, rtol=2e-2, msg=prefixed(name))
