@@ -53,6 +53,20 @@ def _check_param(fn: str, name: str, p: Tensor | None, x: Tensor, shape) -> None
         )
 
 
+def _check_params_agree(fn: str, x: Tensor, params) -> None:
+    """The given parameters share one dtype, as torch requires: for a float16/bfloat16 input,
+    all of them the input's dtype or all float32, not a mix (_check_param has checked each)."""
+    given = [(name, p) for name, p in params if p is not None]
+    for name, p in given[1:]:
+        if p.dtype != given[0][1].dtype:
+            first = given[0][0]
+            raise RuntimeError(
+                f"{fn}: {first} has dtype {given[0][1].dtype} but {name} has dtype {p.dtype}; "
+                f"with a {x.dtype} input the parameters must all have the input's dtype or all "
+                "be float32"
+            )
+
+
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -101,9 +115,11 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
             f"shape {tuple(input.shape)}"
         )
     channels = input.shape[1]
-    for name, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
+    params = (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+              ("running_var", running_var))
+    for name, p in params:
         _check_param(fn, name, p, input, channels)
+    _check_params_agree(fn, input, params)
     count = input.numel() // channels if channels else 0
     if training and count == 1:
         raise ValueError(
@@ -150,5 +166,6 @@ def layer_norm(
         )
     _check_param(fn, "weight", weight, input, normalized_shape)
     _check_param(fn, "bias", bias, input, normalized_shape)
+    _check_params_agree(fn, input, (("weight", weight), ("bias", bias)))
     y, _mean, _rstd = ops.layer_norm_fwd(input, k, weight, bias, eps)
     return y

@@ -33,7 +33,9 @@ def _bn_fn(lib, mode, c, affine):
         w, b = ps if affine else (None, None)
         if mode == "train":
             return lib.batch_norm(x, None, None, w, b, training=True)
-        return lib.batch_norm(x, rm.to(x.dtype), rv.to(x.dtype), w, b, training=False)
+        # the statistics in the parameters' dtype: torch refuses a mix (float32 with bfloat16)
+        sd = w.dtype if w is not None else x.dtype
+        return lib.batch_norm(x, rm.to(sd), rv.to(sd), w, b, training=False)
 
     return fn
 

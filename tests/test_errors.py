@@ -627,3 +627,42 @@ RAW_OP_ERRORS = [
 def test_raw_op_errors(desc, call, msg):
     with pytest.raises(RuntimeError, match=msg):
         call()
+
+
+# ---- parameter dtypes with a half-precision input ----------------------------------------------
+
+
+def _outcome(f):
+    try:
+        return f().dtype
+    except RuntimeError:
+        return RuntimeError
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=str)
+def test_mixed_parameter_dtypes_as_torch(half):
+    """With a float16/bfloat16 input, torch takes parameters all of the input's dtype or all
+    float32 (absent ones aside), and raises for a mix. normext accepts and refuses the same
+    combinations (every one of the given parameters in either dtype), with the same output dtype."""
+    options = (None, half, torch.float32)
+    x = torch.randn(4, 3, 5, dtype=half)
+    n = 0
+    for wd in options:
+        for bd in options:
+            w = None if wd is None else torch.randn(5, dtype=wd)
+            b = None if bd is None else torch.randn(5, dtype=bd)
+            expected = _outcome(lambda: F.layer_norm(x, (5,), w, b))
+            assert _outcome(lambda: NF.layer_norm(x, (5,), w, b)) == expected, (wd, bd)
+            for sd in options:
+                for training in (True, False):
+                    if sd is None and not training:
+                        continue
+                    stats = (None, None) if sd is None else (torch.zeros(3, dtype=sd),
+                                                            torch.ones(3, dtype=sd))
+                    wc = None if wd is None else torch.randn(3, dtype=wd)
+                    bc = None if bd is None else torch.randn(3, dtype=bd)
+                    expected = _outcome(lambda: F.batch_norm(x, *stats, wc, bc, training))
+                    got = _outcome(lambda: NF.batch_norm(x, *stats, wc, bc, training))
+                    assert got == expected, (wd, bd, sd, training)
+                    n += expected is RuntimeError
+    assert n > 0  # some combinations are refused
