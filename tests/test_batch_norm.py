@@ -140,7 +140,8 @@ def test_short_planes_many_channels(shape, training, dtype):
 
 
 LAYOUT_CASES = (
-    [((6, 5, 37), layout) for layout in LAYOUTS]
+    [((6, 5, 37), layout) for layout in LAYOUTS + ["channels_last"]]
+    + [((0, 5, 37), "channels_last"), ((6, 5, 1), "channels_last")]
     + [((37, 5), layout) for layout in LAYOUTS]
     + [((4, 3, 5, 7), layout) for layout in LAYOUTS + ["channels_last"]]
     + [
@@ -158,7 +159,7 @@ LAYOUT_CASES = (
 def test_layouts(shape, layout, training, dtype):
     """Any strides in; the output keeps the input's memory format exactly as torch's does."""
     (y, *_), _, _ = run_bn(shape, dtype, layout, training=training)
-    if layout.startswith("channels_last"):
+    if layout.startswith("channels_last") and len(shape) in (4, 5):
         fmt = torch.channels_last if layout == "channels_last" else torch.channels_last_3d
         assert y.is_contiguous(memory_format=fmt)
 
