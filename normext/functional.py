@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import ops
+from . import _func, ops
 
 __all__ = ["batch_norm", "layer_norm"]
 
@@ -126,10 +126,15 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
             f"Expected more than 1 value per channel when training, got input size {input.size()}"
         )
 
-    y, mean, _invstd, var = ops.batch_norm_fwd(
-        input, weight, bias, None if training else running_mean,
-        None if training else running_var, training, eps,
-    )
+    if _func.active():  # a torch.func transform: differentiable torch ops (_func.py)
+        y, mean, var = _func.batch_norm(
+            input, weight, bias, running_mean, running_var, training, eps
+        )
+    else:
+        y, mean, _invstd, var = ops.batch_norm_fwd(
+            input, weight, bias, None if training else running_mean,
+            None if training else running_var, training, eps,
+        )
     if training and running_mean is not None:
         with torch.no_grad():
             ops.batch_norm_update_stats_(
@@ -167,5 +172,7 @@ def layer_norm(
     _check_param(fn, "weight", weight, input, normalized_shape)
     _check_param(fn, "bias", bias, input, normalized_shape)
     _check_params_agree(fn, input, (("weight", weight), ("bias", bias)))
+    if _func.active():  # a torch.func transform: differentiable torch ops (_func.py)
+        return _func.layer_norm(input, k, weight, bias, eps)
     y, _mean, _rstd = ops.layer_norm_fwd(input, k, weight, bias, eps)
     return y

@@ -1,0 +1,63 @@
+"""normext under torch.func (grad, vjp, jacrev, jvp, jacfwd, hessian, vmap).
+
+The ops' autograd is a C++ torch::autograd::Function (csrc/autograd.cpp: a few us per call,
+where a Python one costs tens), and functorch's transforms refuse C++ autograd Functions. While
+a transform is active, normext.functional computes the same math (DESIGN.md) in differentiable
+torch ops instead, so that every transform and every composition of them (hessian is jacfwd of
+jacrev; per-sample gradients are vmap of grad) differentiates it exactly, with torch's own
+batching rules under vmap. The values agree with the kernels' within rounding; the kernels do
+not run under a transform. (A Python autograd.Function around the kernels, with derivative
+formulas, also works, but under vmap its forward, a custom op without a batching rule, runs
+once per sample.)
+
+Outside transforms nothing here runs."""
+
+from __future__ import annotations
+
+import torch
+
+
+def active() -> bool:
+    """Whether a torch.func transform is running (its interpreter stack is not empty)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _affine(xhat, weight, bias, pview, dtype):
+    """xhat * weight + bias (either may be None), in dtype."""
+    if weight is not None:
+        xhat = xhat * weight.to(xhat.dtype).reshape(pview)
+    if bias is not None:
+        xhat = xhat + bias.to(xhat.dtype).reshape(pview)
+    return xhat.to(dtype)
+
+
+def layer_norm(x, normalized_ndim: int, weight, bias, eps: float):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias over the trailing normalized_ndim dims."""
+    dims = tuple(range(x.dim() - normalized_ndim, x.dim()))
+    xa = x.to(_acc(x.dtype))
+    mean = xa.mean(dims, keepdim=True)
+    var = (xa - mean).square().mean(dims, keepdim=True)
+    xhat = (xa - mean) * (var + eps).rsqrt()
+    return _affine(xhat, weight, bias, x.shape[x.dim() - normalized_ndim:], x.dtype)
+
+
+def batch_norm(x, weight, bias, running_mean, running_var, training: bool, eps: float):
+    """(y, mean, var): with training, the batch's mean and biased variance per channel (for the
+    running statistics); otherwise normalized with running_mean/running_var, and those returned."""
+    dims = (0, *range(2, x.dim()))
+    pview = (1, x.shape[1], *([1] * (x.dim() - 2)))
+    acc = _acc(x.dtype)
+    xa = x.to(acc)
+    if training:
+        mean = xa.mean(dims, keepdim=True)
+        var = (xa - mean).square().mean(dims, keepdim=True)
+    else:
+        mean = running_mean.to(acc).reshape(pview)
+        var = running_var.to(acc).reshape(pview)
+    xhat = (xa - mean) * (var + eps).rsqrt()
+    y = _affine(xhat, weight, bias, pview, x.dtype)
+    return y, mean.reshape(-1), var.reshape(-1)
