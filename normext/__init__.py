@@ -2,8 +2,7 @@
 
 import torch  # noqa: F401  (loads libc10/libtorch, which normext._C links against)
 
-from . import _C, ops  # noqa: F401  (registers torch.ops.normext.*)
-from . import functional
+from . import _C, functional, ops  # _C and ops register torch.ops.normext.*
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, LayerNorm, convert
 from .sync_batchnorm import SyncBatchNorm
 

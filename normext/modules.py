@@ -6,7 +6,6 @@ checks are torch's own."""
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from . import functional as F

@@ -9,11 +9,11 @@ import torch._prims_common
 from . import _C  # noqa: F401  (loads the library: runs TORCH_LIBRARY registrations)
 
 __all__ = [
-    "layer_norm_fwd",
-    "layer_norm_bwd",
-    "batch_norm_fwd",
     "batch_norm_bwd",
+    "batch_norm_fwd",
     "batch_norm_update_stats_",
+    "layer_norm_bwd",
+    "layer_norm_fwd",
 ]
 
 _ops = torch.ops.normext
@@ -199,7 +199,6 @@ def _batch_norm_update_stats_fake(
     _check_same_device("normext::batch_norm_update_stats_", running_mean, "running_mean",
                        running_var=running_var, batch_mean=batch_mean, batch_var=batch_var,
                        num_batches_tracked=num_batches_tracked)
-    return None
 
 
 # (autograd of batch_norm_fwd: csrc/autograd.cpp)

@@ -35,7 +35,7 @@ def test_avx2_copy_matches_torch():
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests,
          "-k", "bfloat16 or float16"],
-        env=env, capture_output=True, text=True, cwd=ROOT,
+        env=env, capture_output=True, text=True, cwd=ROOT, check=False,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " passed" in run.stdout

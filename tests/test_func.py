@@ -19,7 +19,7 @@ F64 = torch.float64
 def _case(name, lib):
     """f(x, w, b) and its arguments; lib: torch.nn.functional or normext.functional."""
     g = torch.Generator().manual_seed(0)
-    rnd = lambda *s: torch.randn(*s, dtype=F64, generator=g)  # noqa: E731
+    rnd = lambda *s: torch.randn(*s, dtype=F64, generator=g)
     rm, rv = rnd(3), torch.rand(3, dtype=F64, generator=g) + 0.5
     if name == "layer_norm":
         return (lambda x, w, b: lib.layer_norm(x, (2, 5), w, b)), (rnd(3, 2, 5), rnd(2, 5), rnd(2, 5))
