@@ -106,10 +106,7 @@ def _is_channels_last_like(x) -> bool:
 
 
 def _bn_like(x):
-    """An empty tensor laid out as the kernels lay out BatchNorm's output (csrc/common.h); on the
-    CPU, a 3-D output is contiguous, as torch's (csrc/cpu/batch_norm.cpp, in_torch_layout)."""
-    if x.dim() == 3 and x.device.type == "cpu":
-        return x.new_empty(x.shape)
+    """An empty tensor laid out as the kernels lay out BatchNorm's output (csrc/common.h)."""
     spatial = 1
     for s in x.shape[2:]:
         spatial *= s

@@ -83,7 +83,13 @@ def run_bn(
             fn(F.batch_norm), base, view, dy, (w, b), (rm, rv), dtype=torch.float64
         )
     compare_runs(ours, theirs, ref, dtype)
-    assert same_strides(ours[0], theirs[0]), (ours[0].stride(), theirs[0].stride())
+    if layout == "channels_last" and len(shape) == 3:
+        # (N, C, L) stored as (N, L, C): normext computes in that layout and keeps it, as on CUDA
+        # (torch returns a contiguous output: 3-D tensors have no channels-last format; copying
+        # to it took normext's (64, 512, 256) fwd+bwd from 41 to 125 ms, torch's being 104-127)
+        assert ours[0].stride() == view(base).stride() or ours[0].numel() == 0
+    else:
+        assert same_strides(ours[0], theirs[0]), (ours[0].stride(), theirs[0].stride())
     return ours, theirs, ref
 
 

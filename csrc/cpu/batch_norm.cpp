@@ -621,15 +621,6 @@ void channel_apply(const T* g, const T* x, T* out, const BnShape& sh, const acc_
 
 // ---- ops -------------------------------------------------------------------------------------
 
-// torch's CPU batch_norm allocates its outputs in input.suggest_memory_format(), and a 3-D
-// tensor has no channels-last format: a (N, C, L) input stored as (N, L, C) is computed in that
-// order (rows of C values, the fast layout here), and its output copied to (N, C, L) order.
-at::Tensor in_torch_layout(const at::Tensor& input, const at::Tensor& out) {
-  if (input.dim() != 3 || (out.is_contiguous() && out.numel() > 0)) return out;
-  at::Tensor c = at::empty(out.sizes(), out.options());
-  return c.strides() == out.strides() ? out : c.copy_(out);
-}
-
 // A small floating-point tensor's values in double (a loop, not tensor ops: this is per call).
 std::vector<double> to_doubles(const at::Tensor& t) {
   const at::Tensor c = t.contiguous();
@@ -754,7 +745,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
                                     shift.data());
     });
   });
-  return {in_torch_layout(input, y), save_mean, save_invstd, batch_var};
+  return {y, save_mean, save_invstd, batch_var};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
@@ -851,7 +842,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
           training ? mean : nullptr, training ? k.data() : nullptr);
     });
   });
-  return {mask[0] ? in_torch_layout(input, dx) : dx, dw, db};
+  return {dx, dw, db};
 }
 
 }  // namespace CPU_CAPABILITY
