@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import torch
 
+from .ops import _acc_dtype
+
 
 def active() -> bool:
     """Whether a torch.func transform is running (its interpreter stack is not empty)."""
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _moments(xa, dims):
+    """Mean and biased variance of xa over dims (kept as size-1 dims)."""
+    mean = xa.mean(dims, keepdim=True)
+    return mean, (xa - mean).square().mean(dims, keepdim=True)
 
 
 def _affine(xhat, weight, bias, pview, dtype):
@@ -37,10 +41,8 @@ def _affine(xhat, weight, bias, pview, dtype):
 
 def layer_norm(x, normalized_ndim: int, weight, bias, eps: float):
     """y = (x - mean) / sqrt(var + eps) * weight + bias over the trailing normalized_ndim dims."""
-    dims = tuple(range(x.dim() - normalized_ndim, x.dim()))
-    xa = x.to(_acc(x.dtype))
-    mean = xa.mean(dims, keepdim=True)
-    var = (xa - mean).square().mean(dims, keepdim=True)
+    xa = x.to(_acc_dtype(x.dtype))
+    mean, var = _moments(xa, tuple(range(x.dim() - normalized_ndim, x.dim())))
     xhat = (xa - mean) * (var + eps).rsqrt()
     return _affine(xhat, weight, bias, x.shape[x.dim() - normalized_ndim:], x.dtype)
 
@@ -48,13 +50,11 @@ def layer_norm(x, normalized_ndim: int, weight, bias, eps: float):
 def batch_norm(x, weight, bias, running_mean, running_var, training: bool, eps: float):
     """(y, mean, var): with training, the batch's mean and biased variance per channel (for the
     running statistics); otherwise normalized with running_mean/running_var, and those returned."""
-    dims = (0, *range(2, x.dim()))
     pview = (1, x.shape[1], *([1] * (x.dim() - 2)))
-    acc = _acc(x.dtype)
+    acc = _acc_dtype(x.dtype)
     xa = x.to(acc)
     if training:
-        mean = xa.mean(dims, keepdim=True)
-        var = (xa - mean).square().mean(dims, keepdim=True)
+        mean, var = _moments(xa, (0, *range(2, x.dim())))
     else:
         mean = running_mean.to(acc).reshape(pview)
         var = running_var.to(acc).reshape(pview)

@@ -379,8 +379,7 @@ inline void for_rows(int64_t R, int64_t C, const F& f) {
 inline bool bn_stream(const BnShape& sh, int64_t arrays, int64_t elem_size, const void* out) {
   const int64_t bytes = arrays * sh.count() * sh.c * elem_size;
   if (!sh.channels_last) return stream_output(bytes, sh.s * elem_size);
-  return stream_aligned(out) && (sh.c * elem_size) % kStreamAlign == 0 &&
-         stream_output(bytes, kStreamRunBytes);
+  return stream_rows(bytes, sh.c * elem_size, out);
 }
 
 // ---- statistics ------------------------------------------------------------------------------
@@ -663,11 +662,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
     A* sv = training ? batch_var.mutable_data_ptr<A>() : nullptr;
     std::vector<A> m(C), scale(C), shift(C), beta(C);
     std::vector<char> folded(C);
-    // Whether each channel's mean is within kFoldOffset standard deviations of 0 (folded), and
-    // every channel's (fold): the output then takes the folded y = x * scale + beta, per plane
-    // (span_scale_shift) or per channels-last row (Rows::scale_shift). The fused NCHW path
-    // decides per channel, the others for all channels at once.
-    bool fold = true;
+    // Whether each channel's mean is within kFoldOffset standard deviations of 0: the output
+    // then takes the folded y = x * scale + beta, per plane (span_scale_shift) or per
+    // channels-last row (Rows::scale_shift). The fused NCHW path decides per channel, the others
+    // for all channels at once.
     // Channel c's outputs and the constants of y = (x - m) * scale + shift, from its statistics.
     auto set_channel = [&](int64_t c, double mean, double var) {
       const double invstd = 1.0 / std::sqrt(var + eps);
@@ -681,7 +679,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
       const double bias_c = bp ? bp[c] : 0.0;
       shift[c] = static_cast<A>(bias_c - (mean - static_cast<double>(m[c])) * sc);
       folded[c] = std::fabs(mean) * invstd <= kFoldOffset;
-      fold = fold && folded[c];
       beta[c] = static_cast<A>(bias_c - mean * static_cast<double>(scale[c]));
     };
     if (training && fused_planar(sh, sizeof(scalar_t), sizeof(scalar_t))) {
@@ -706,16 +703,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
             const int64_t off = pl.offset(u);
             const int64_t len = pl.length(u);
             if (pre-- > 0) prefetch_span(xp + off + pl.S, len * sizeof(scalar_t));
-            if (folded[c]) {
-              if (nt)
-                span_scale_shift<scalar_t, true>(xp + off, yp + off, len, scale[c], beta[c]);
+            with_stream(nt, [&](auto tag) {
+              constexpr bool NT = decltype(tag)::value;
+              if (folded[c])
+                span_scale_shift<scalar_t, NT>(xp + off, yp + off, len, scale[c], beta[c]);
               else
-                span_scale_shift(xp + off, yp + off, len, scale[c], beta[c]);
-            } else if (nt) {
-              span_affine<scalar_t, true>(xp + off, yp + off, len, m[c], scale[c], shift[c]);
-            } else {
-              span_affine(xp + off, yp + off, len, m[c], scale[c], shift[c]);
-            }
+                span_affine<scalar_t, NT>(xp + off, yp + off, len, m[c], scale[c], shift[c]);
+            });
           });
         }
         stream_fence();
@@ -730,6 +724,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
       for (int64_t c = 0; c < C; ++c) set_channel(c, rm[c], rv[c]);
     }
     if (x.numel() == 0) return;
+    const bool fold = std::all_of(folded.begin(), folded.end(), [](char f) { return f != 0; });
     with_stream(bn_stream(sh, 2, sizeof(scalar_t), yp), [&](auto nt) {
       constexpr bool NT = decltype(nt)::value;
       if (fold && !sh.channels_last)

@@ -66,8 +66,7 @@ A* block_sums_scratch(int64_t n, std::unique_ptr<A[]>& owned) {
 // (stream_output in vec_utils.h): `arrays` arrays of M * N values are touched (x and y; x, dy
 // and dx) and every output row starts aligned.
 inline bool ln_stream(int64_t M, int64_t N, int64_t arrays, int64_t elem_size, const void* out) {
-  return stream_aligned(out) && (N * elem_size) % kStreamAlign == 0 &&
-         stream_output(arrays * M * N * elem_size, kStreamRunBytes);
+  return stream_rows(arrays * M * N * elem_size, N * elem_size, out);
 }
 
 // Mean and rstd of one row of n values.

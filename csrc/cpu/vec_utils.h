@@ -122,6 +122,12 @@ inline bool stream_output(int64_t bytes_touched, int64_t run_bytes) {
 inline bool stream_aligned(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % kStreamAlign == 0;
 }
+// stream_output for an output written as rows of row_bytes from `out` on: every row must start
+// aligned, and the rows run on into each other (one long run).
+inline bool stream_rows(int64_t bytes_touched, int64_t row_bytes, const void* out) {
+  return stream_aligned(out) && row_bytes % kStreamAlign == 0 &&
+         stream_output(bytes_touched, kStreamRunBytes);
+}
 // f(std::true_type) where stream, else f(std::false_type): the kernels take NT as a template
 // argument, so the plain-store loops carry no test per store.
 template <typename F>
