@@ -71,6 +71,45 @@ def _cpu_flags():
     return []
 
 
+# Added for csrc/cpu/avx512/*.cpp alone (see csrc/cpu/avx512/isa.h for why not a pragma).
+AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
+
+
+def _is_avx512_copy(path):
+    return os.path.normpath(path).split(os.sep)[-3:-1] == ["cpu", "avx512"]
+
+
+class Build(BuildExtension):
+    """torch's BuildExtension, with the AVX-512 flags added for csrc/cpu/avx512/*.cpp.
+
+    torch compiles every C++ source of an extension with the same flags, so the compile call is
+    split in two: the other sources as usual, then these with AVX512_FLAGS added. Their objects
+    come last on the link line, so the linker keeps the AVX2 copy of any inline function that
+    both kinds of files emit.
+    """
+
+    def build_extension(self, ext):
+        compile_all = self.compiler.compile
+
+        def compile_split(sources, *args, extra_postargs=None, **kwargs):
+            wide = [s for s in sources if _is_avx512_copy(s)]
+            rest = [s for s in sources if not _is_avx512_copy(s)]
+            objects = compile_all(rest, *args, extra_postargs=extra_postargs, **kwargs) if rest else []
+            if wide:
+                if isinstance(extra_postargs, dict):
+                    post = {**extra_postargs, "cxx": list(extra_postargs["cxx"]) + AVX512_FLAGS}
+                else:
+                    post = list(extra_postargs or []) + AVX512_FLAGS
+                objects += compile_all(wide, *args, extra_postargs=post, **kwargs)
+            return objects
+
+        self.compiler.compile = compile_split
+        try:
+            super().build_extension(ext)
+        finally:
+            self.compiler.compile = compile_all
+
+
 debug = os.environ.get("DEBUG", "0") == "1"
 opt = ["-O0", "-g"] if debug else ["-O3"]
 sanitize = os.environ.get("NORMEXT_SANITIZE", "0") == "1"
@@ -114,5 +153,5 @@ setup(
     version="0.1.0",
     packages=find_packages(include=["normext", "normext.*"]),
     ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": Build.with_options(use_ninja=True)},
 )

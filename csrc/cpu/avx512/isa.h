@@ -1,16 +1,24 @@
-// Included first (before any other header) by the AVX-512 copies of the kernel files: every
-// function after this is compiled for AVX-512, and at::vec::Vectorized is its 512-bit version
-// (namespace at::vec::AVX512). Only built where the build machine has these extensions, so the
-// inline functions of the headers, compiled here too, can run wherever this library is loaded.
+// Included first by the AVX-512 copies of the kernel files, which setup.py and CMakeLists.txt
+// compile with -mavx512f -mavx512bw -mavx512vl -mavx512dq added: at::vec::Vectorized is then its
+// 512-bit version (namespace at::vec::AVX512), and the kernels land in normext::cpu::AVX512.
+//
+// Why flags and not `#pragma GCC target`: under the pragma, g++ 13 fails to build these files
+// (libstdc++ 13 marks std::allocator's members always_inline, and the implicitly defined
+// destructors that call them keep the command line's target: "inlining failed in call to
+// 'always_inline' ... target specific option mismatch"), and standard templates defined before
+// a pragma see the 64-byte vectors as 32-byte aligned (a std::vector of them was allocated
+// misaligned and crashed). With the flags, the whole file has one target.
+//
+// These objects are linked after the others, so where a header's inline function is emitted
+// both here and in an AVX2 file, the linker keeps the AVX2 copy (it keeps the first).
 #pragma once
 
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
-// The pragma, unlike -mavx512f, does not define the feature macros that headers test (sleef.h
-// declares its 512-bit functions under __AVX512F__): define them as the flags would.
-#define __AVX512F__ 1
-#define __AVX512BW__ 1
-#define __AVX512VL__ 1
-#define __AVX512DQ__ 1
+#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__) || \
+    !defined(__AVX512DQ__)
+#error "csrc/cpu/avx512/*.cpp need -mavx512f -mavx512bw -mavx512vl -mavx512dq (see setup.py)"
+#endif
+
+// The build defines the AVX2 capability for every file; these are the AVX-512 copies.
 #undef CPU_CAPABILITY
 #undef CPU_CAPABILITY_AVX2
 #define CPU_CAPABILITY AVX512
