@@ -20,8 +20,13 @@ from .ops import _acc_dtype
 
 
 def active() -> bool:
-    """Whether a torch.func transform is running (its interpreter stack is not empty)."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
+    """Whether a torch.func transform is running (functorch has a current level).
+
+    Not peek_interpreter_stack(): torch.compile's tracer answers that with a non-None value even
+    where no transform runs, which sent every compiled call through the torch ops here instead
+    of normext's kernels (and let Inductor fuse away the output's rounding to its dtype).
+    maybe_current_level() is right in eager and under torch.compile, with or without a transform."""
+    return torch._C._functorch.maybe_current_level() is not None
 
 
 def _moments(xa, dims):

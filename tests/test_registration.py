@@ -314,11 +314,74 @@ def test_compile_layer_norm_module():
         _compare_modules(module, eager, step)
 
 
+def _dynamo_targets(fn, *args):
+    """fn's output under torch.compile(fullgraph=True), and the functions its graph calls (what
+    the backend is handed: normext's ops appear there unless the functional took another path)."""
+    targets = []
+
+    def backend(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, backend=backend)(*args), targets
+
+
+def test_compile_graph_calls_normext_ops():
+    """Under torch.compile the functional calls normext's ops, as in eager; the torch-ops math of
+    normext/_func.py is for torch.func transforms only. (torch.compile's tracer once made the
+    transform check answer yes, and every compiled call ran torch's ops instead of the kernels.)"""
+    x = torch.randn(4, 3, 5, 5)
+    w, b = torch.randn(3), torch.randn(3)
+    bn = normext.BatchNorm2d(3)
+    _, targets = _dynamo_targets(bn, x)
+    assert any("normext.batch_norm_fwd" in t for t in targets), targets
+    assert any("normext.batch_norm_update_stats_" in t for t in targets), targets
+    _, targets = _dynamo_targets(lambda x: NF.batch_norm(x, None, None, w, b, True), x)
+    assert any("normext.batch_norm_fwd" in t for t in targets), targets
+    _, targets = _dynamo_targets(lambda x: NF.layer_norm(x, (5, 5), None, None), x)
+    assert any("normext.layer_norm_fwd" in t for t in targets), targets
+    assert not any("aten.mean" in t or ".mean" in t for t in targets), targets
+
+
+@pytest.mark.slow
+def test_compile_bfloat16_layer_norm_is_the_kernel():
+    """bf16 LayerNorm under torch.compile (Inductor) gives eager's output bit for bit: the same
+    kernel runs, and the output is rounded to bfloat16 (fused torch ops would keep float32)."""
+    torch._dynamo.reset()
+    x = torch.randn(8, 1024, dtype=torch.bfloat16)
+    w, b = torch.randn(1024), torch.randn(1024)
+
+    def f(x):
+        return NF.layer_norm(x, (1024,), w, b, 1e-5).float() * 3
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_compile_of_torch_func_transforms():
+    """torch.compile around torch.func.grad and vmap: the transform is seen under the tracer, and
+    the functional takes the differentiable torch-ops path there, as in eager."""
+    x = torch.randn(4, 16, dtype=torch.float64)
+    w, b = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+
+    def loss(x):
+        return NF.layer_norm(x, (16,), w, b).square().sum()
+
+    expected = torch.func.grad(loss)(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(torch.func.grad(loss))(x), expected)
+    torch._dynamo.reset()
+    rows = torch.compile(torch.vmap(lambda r: NF.layer_norm(r, (16,), w, b)))(x)
+    torch.testing.assert_close(rows, NF.layer_norm(x, (16,), w, b))
+
+
 # ---- torch's OpInfo sample inputs -----------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def op_db():
+    pytest.importorskip("expecttest")  # torch.testing._internal needs it (requirements-dev.txt)
     from torch.testing._internal.common_methods_invocations import op_db
 
     return op_db
