@@ -136,10 +136,16 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
             None if training else running_var, training, eps,
         )
     if training and running_mean is not None:
-        with torch.no_grad():
-            ops.batch_norm_update_stats_(
-                running_mean, running_var, mean, var, momentum, count, num_batches_tracked
-            )
+        update = (running_mean, running_var, mean, var, momentum, count, num_batches_tracked)
+        # Not differentiated. Entering no_grad costs a few us a call, so only where a tensor in
+        # the update could be recorded (the kernels' batch statistics never require grad).
+        if torch.is_grad_enabled() and (
+            mean.requires_grad or running_mean.requires_grad or running_var.requires_grad
+        ):
+            with torch.no_grad():
+                ops.batch_norm_update_stats_(*update)
+        else:
+            ops.batch_norm_update_stats_(*update)
     return y
 
 
