@@ -376,6 +376,54 @@ def test_compile_of_torch_func_transforms():
     torch.testing.assert_close(rows, NF.layer_norm(x, (16,), w, b))
 
 
+@pytest.mark.parametrize("kind", ["batch_norm", "layer_norm"])
+def test_compile_dynamic_shapes(kind):
+    """torch.compile(dynamic=True): the fake kernels work with symbolic shapes, and one compiled
+    module serves several input shapes as torch.nn does (outputs, grads, running statistics)."""
+    torch._dynamo.reset()
+    if kind == "batch_norm":
+        ours, theirs = normext.BatchNorm2d(4), torch.nn.BatchNorm2d(4)
+        shapes = [(3, 4, 5, 5), (6, 4, 7, 3), (2, 4, 9, 9)]
+    else:
+        ours, theirs = normext.LayerNorm(8), torch.nn.LayerNorm(8)
+        shapes = [(3, 8), (5, 7, 8), (2, 3, 4, 8)]
+    compiled = torch.compile(ours, dynamic=True, fullgraph=True, backend="aot_eager")
+    for shape in shapes:
+        x = torch.randn(shape)
+        xs = [x.clone().requires_grad_(True) for _ in range(2)]
+        y, expected = compiled(xs[0]), theirs(xs[1])
+        torch.testing.assert_close(y, expected, **TOL[torch.float32]["fwd"])
+        dy = torch.randn(shape)
+        y.backward(dy)
+        expected.backward(dy)
+        torch.testing.assert_close(xs[0].grad, xs[1].grad, **TOL[torch.float32]["bwd"])
+    for (name, b), (_, c) in zip(ours.named_buffers(), theirs.named_buffers()):
+        torch.testing.assert_close(b, c, **TOL[torch.float32]["fwd"], msg=prefixed(name))
+
+
+@pytest.mark.parametrize("kind", ["batch_norm", "layer_norm"])
+def test_export(kind):
+    """torch.export of an eval module: the exported graph calls normext's op and gives torch.nn's
+    output."""
+    if kind == "batch_norm":
+        ours, theirs = normext.BatchNorm2d(4), torch.nn.BatchNorm2d(4)
+        x = torch.randn(3, 4, 5, 5)
+        with torch.no_grad():
+            for m in (ours, theirs):
+                m.running_mean.copy_(torch.arange(4.0))
+                m.running_var.copy_(torch.arange(1.0, 5.0))
+    else:
+        ours, theirs = normext.LayerNorm((5, 5)), torch.nn.LayerNorm((5, 5))
+        x = torch.randn(3, 4, 5, 5)
+    ours.eval()
+    theirs.eval()
+    program = torch.export.export(ours, (x,))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert any(f"normext.{kind}_fwd" in t for t in targets), targets
+    x2 = torch.randn_like(x)
+    torch.testing.assert_close(program.module()(x2), theirs(x2), **TOL[torch.float32]["fwd"])
+
+
 # ---- torch's OpInfo sample inputs -----------------------------------------------------------
 
 
