@@ -188,6 +188,32 @@ bool torch_uses_cudnn(const at::Tensor& x, const c10::optional<at::Tensor>& weig
          eps >= hooks.batchnormMinEpsilonCuDNN() && x.numel() < INT32_MAX;
 }
 
+// The parameter for the kernels in its own dtype (ParamPtr), contiguous; `keep` holds the tensor
+// read (a contiguous copy only for a strided parameter).
+ParamPtr param_ptr(const c10::optional<at::Tensor>& p, at::Tensor& keep) {
+  if (!p.has_value() || !p->defined()) return {};
+  keep = p->is_contiguous() ? *p : p->contiguous();
+  ParamPtr out;
+  out.data = keep.const_data_ptr();
+  switch (keep.scalar_type()) {
+    case at::kFloat:
+      out.kind = ParamPtr::kFloat;
+      break;
+    case at::kDouble:
+      out.kind = ParamPtr::kDouble;
+      break;
+    case at::kHalf:
+      out.kind = ParamPtr::kHalf;
+      break;
+    case at::kBFloat16:
+      out.kind = ParamPtr::kBFloat16;
+      break;
+    default:
+      TORCH_CHECK(false, "normext: a BatchNorm parameter of an unexpected dtype");
+  }
+  return out;
+}
+
 void check_cuda_input(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.is_cuda(), op, ": expected a CUDA input, but it is on ", str_of(x.device()));
 }
@@ -213,12 +239,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
   at::Tensor save_invstd = at::empty({C}, acc_opts);
   at::Tensor batch_var = at::empty({training ? C : 0}, acc_opts);
   if (C == 0) return {y, save_mean, save_invstd, batch_var};
-  at::Tensor w = param_as_acc(weight, acc), b = param_as_acc(bias, acc);
-  at::Tensor rm, rv;
-  if (!training) {
-    rm = param_as_acc(running_mean, acc);
-    rv = param_as_acc(running_var, acc);
-  }
+  at::Tensor w, b, rm, rv;
+  const ParamPtr wp = param_ptr(weight, w), bp = param_ptr(bias, b);
+  const ParamPtr rmp = training ? ParamPtr{} : param_ptr(running_mean, rm);
+  const ParamPtr rvp = training ? ParamPtr{} : param_ptr(running_var, rv);
   at::Tensor coef = at::empty({4 * C}, acc_opts);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
@@ -231,10 +255,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
     p.c = sh.c;
     p.s = sh.s;
     p.pilot_stride = sh.channels_last ? 1 : sh.s;
-    p.weight = ptr_or_null<A>(w);
-    p.bias = ptr_or_null<A>(b);
-    p.mean = ptr_or_null<A>(rm);
-    p.var = ptr_or_null<A>(rv);
+    p.weight = wp;
+    p.bias = bp;
+    p.running_mean = rmp;
+    p.running_var = rvp;
     p.save_mean = save_mean.mutable_data_ptr<A>();
     p.save_invstd = save_invstd.mutable_data_ptr<A>();
     p.batch_var = training ? batch_var.mutable_data_ptr<A>() : nullptr;
@@ -281,7 +305,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
   at::Tensor db = at::empty({mask[2] ? C : 0}, acc_opts);
   const bool need_sums = training || mask[1] || mask[2];
   if (C == 0 || (!mask[0] && !need_sums)) return {dx, dw, db};
-  at::Tensor w = param_as_acc(weight, acc);
+  at::Tensor w;
+  const ParamPtr wp = param_ptr(weight, w);
   at::Tensor mean_c = save_mean.contiguous(), invstd_c = save_invstd.contiguous();
   at::Tensor coef = mask[0] ? at::empty({4 * C}, acc_opts) : at::Tensor();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -296,7 +321,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
     p.c = sh.c;
     p.s = sh.s;
     p.pilot_stride = sh.channels_last ? 1 : sh.s;
-    p.weight = ptr_or_null<A>(w);
+    p.weight = wp;
     p.mean = mean_c.const_data_ptr<A>();
     p.invstd = invstd_c.const_data_ptr<A>();
     p.grad_weight = mask[1] ? dw.mutable_data_ptr<A>() : nullptr;
