@@ -117,18 +117,21 @@ san_flags = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"] if san
 cxx_opt = ["-O1", "-g", "-fno-omit-frame-pointer"] + san_flags if sanitize else opt
 with_cuda = _want_cuda()
 
-# csrc/cpu/avx512/*.cpp: the kernels' AVX-512 copies, empty unless _cpu_flags() asks for them.
+cpu_flags = _cpu_flags()
+# csrc/cpu/avx512/*.cpp: the kernels' AVX-512 copies, built only where _cpu_flags() asks for them
+# (their -mavx512* flags would fail elsewhere, on another architecture's compiler say).
 sources = _rel(
     glob.glob(os.path.join(CSRC, "*.cpp"))
     + glob.glob(os.path.join(CSRC, "cpu", "*.cpp"))
-    + glob.glob(os.path.join(CSRC, "cpu", "avx512", "*.cpp"))
+    + (glob.glob(os.path.join(CSRC, "cpu", "avx512", "*.cpp"))
+       if "-DNORMEXT_CPU_AVX512" in cpu_flags else [])
 )
 # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++20; the
 # torch 2.14 headers do not compile as C++17).
 # -ffp-contract=off: no implicit a*b+c -> fma. at::parallel_for inlines its body twice (the
 # one-thread call and the threaded one) and the compiler may contract each copy differently, which
 # made results depend on the thread count; explicit at::vec::fmadd calls are unaffected.
-cxx_flags = cxx_opt + ["-fopenmp", "-ffp-contract=off", "-DNORMEXT_EXTENSION"] + _cpu_flags()
+cxx_flags = cxx_opt + ["-fopenmp", "-ffp-contract=off", "-DNORMEXT_EXTENSION"] + cpu_flags
 ext_kwargs = dict(
     name="normext._C",
     sources=sources,
