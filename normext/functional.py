@@ -114,13 +114,17 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
             f"batch_norm: expected an input of shape (N, C, *) with at least 2 dims, but got "
             f"shape {tuple(input.shape)}"
         )
-    channels = input.shape[1]
+    # While torch.jit.trace runs, sizes are 0-d tensors; the ops take ints (the trace keeps them
+    # as constants, as it keeps the shapes it saw).
+    tracing = torch.jit.is_tracing()
+    channels = int(input.shape[1]) if tracing else input.shape[1]
+    numel = int(input.numel()) if tracing else input.numel()
     params = (("weight", weight), ("bias", bias), ("running_mean", running_mean),
               ("running_var", running_var))
     for name, p in params:
         _check_param(fn, name, p, input, channels)
     _check_params_agree(fn, input, params)
-    count = input.numel() // channels if channels else 0
+    count = numel // channels if channels else 0
     if training and count == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {input.size()}"

@@ -424,6 +424,29 @@ def test_export(kind):
     torch.testing.assert_close(program.module()(x2), theirs(x2), **TOL[torch.float32]["fwd"])
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kind", ["BatchNorm2d", "BatchNorm1d", "LayerNorm"])
+def test_jit_trace(kind, training):
+    """torch.jit.trace of a module, as of torch.nn's (sizes are tensors while tracing): the traced
+    module gives torch.nn's output on new values of the traced shape, and in training updates the
+    running statistics as torch.nn's does."""
+    shape = {"BatchNorm2d": (3, 4, 5, 5), "BatchNorm1d": (6, 4), "LayerNorm": (3, 4)}[kind]
+    ours = getattr(normext, kind)(4).train(training)
+    theirs = getattr(torch.nn, kind)(4).train(training)
+    with torch.no_grad():
+        for p, q in zip(ours.parameters(), theirs.parameters()):
+            p.copy_(torch.randn_like(p))
+            q.copy_(p)
+    x = torch.randn(shape)
+    traced_ours = torch.jit.trace(ours, (x,), check_trace=False)
+    traced_theirs = torch.jit.trace(theirs, (x,), check_trace=False)
+    x2 = torch.randn(shape) * 3 + 1
+    torch.testing.assert_close(traced_ours(x2), traced_theirs(x2), **TOL[torch.float32]["fwd"])
+    for (name, b), (_, c) in zip(ours.named_buffers(), theirs.named_buffers()):
+        torch.testing.assert_close(b, c, **TOL[torch.float32]["fwd"], msg=prefixed(name))
+
+
 # ---- torch's OpInfo sample inputs -----------------------------------------------------------
 
 
