@@ -3,7 +3,16 @@
 import torch  # noqa: F401  (loads libc10/libtorch, which normext._C links against)
 
 from . import _C, functional, ops  # _C and ops register torch.ops.normext.*
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, LayerNorm, convert
+from .modules import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    LayerNorm,
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
+    convert,
+)
 from .sync_batchnorm import SyncBatchNorm
 
 __version__ = "0.1.0"
@@ -16,6 +25,9 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "LayerNorm",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
     "SyncBatchNorm",
     "convert",
     "functional",

@@ -1,4 +1,4 @@
-"""Drop-in replacements for torch.nn.BatchNorm1d/2d/3d and torch.nn.LayerNorm.
+"""Drop-in replacements for torch.nn.BatchNorm1d/2d/3d (and their Lazy forms) and torch.nn.LayerNorm.
 
 Each class subclasses its torch.nn counterpart and overrides ``forward`` only, so constructor
 arguments, parameters, buffers, ``state_dict``, ``reset_parameters``, ``repr`` and ``isinstance``
@@ -10,7 +10,16 @@ from torch import Tensor, nn
 
 from . import functional as F
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "convert"]
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "LayerNorm",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
+    "convert",
+]
 
 
 class _BatchNormForward:
@@ -58,6 +67,25 @@ class BatchNorm3d(_BatchNormForward, nn.BatchNorm3d):
     """torch.nn.BatchNorm3d on normext kernels: input (N, C, D, H, W), NCDHW or channels_last_3d."""
 
 
+class LazyBatchNorm1d(_BatchNormForward, nn.LazyBatchNorm1d):
+    """torch.nn.LazyBatchNorm1d on normext kernels: num_features from the first input, then it
+    becomes a normext BatchNorm1d."""
+
+    cls_to_become = BatchNorm1d
+
+
+class LazyBatchNorm2d(_BatchNormForward, nn.LazyBatchNorm2d):
+    """torch.nn.LazyBatchNorm2d on normext kernels; becomes a normext BatchNorm2d."""
+
+    cls_to_become = BatchNorm2d
+
+
+class LazyBatchNorm3d(_BatchNormForward, nn.LazyBatchNorm3d):
+    """torch.nn.LazyBatchNorm3d on normext kernels; becomes a normext BatchNorm3d."""
+
+    cls_to_become = BatchNorm3d
+
+
 class LayerNorm(nn.LayerNorm):
     """torch.nn.LayerNorm on normext kernels: normalizes over the trailing normalized_shape."""
 
@@ -70,12 +98,15 @@ _REPLACEMENTS = {
     nn.BatchNorm2d: BatchNorm2d,
     nn.BatchNorm3d: BatchNorm3d,
     nn.LayerNorm: LayerNorm,
+    nn.LazyBatchNorm1d: LazyBatchNorm1d,
+    nn.LazyBatchNorm2d: LazyBatchNorm2d,
+    nn.LazyBatchNorm3d: LazyBatchNorm3d,
 }
 
 
 def convert(model: nn.Module) -> nn.Module:
-    """Make every torch.nn.BatchNorm1d/2d/3d and torch.nn.LayerNorm in ``model`` (exact types, not
-    subclasses) its normext equivalent, in place, and return ``model``.
+    """Make every torch.nn.BatchNorm1d/2d/3d, LazyBatchNorm1d/2d/3d and LayerNorm in ``model``
+    (exact types, not subclasses) its normext equivalent, in place, and return ``model``.
 
     The modules keep their identity, parameters, buffers, hooks and train/eval state: only their
     class changes, so optimizers holding the parameters keep working."""

@@ -8,7 +8,7 @@ import io
 
 import pytest
 import torch
-from conftest import DTYPES, compare_runs, forward_backward, make_input, prefixed
+from conftest import DTYPES, TOL, compare_runs, forward_backward, make_input, prefixed
 from torch import nn
 
 import normext
@@ -196,6 +196,45 @@ class Net(nn.Module):
 
 class MyBatchNorm(nn.BatchNorm2d):
     """A user subclass: convert must leave it alone (it swaps exact types only)."""
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"momentum": None}, {"affine": False}, {"track_running_stats": False}], ids=str
+)
+@pytest.mark.parametrize("kind,shape", [("1d", (6, 5)), ("2d", (3, 5, 4, 4)), ("3d", (2, 5, 3, 3, 3))])
+def test_lazy_batch_norm(kind, shape, kwargs):
+    """LazyBatchNorm1d/2d/3d: num_features from the first input, then the module becomes normext's
+    BatchNorm (as torch's becomes torch's); outputs, grads and state as torch.nn's, in training
+    and then eval."""
+    ours = getattr(normext, f"LazyBatchNorm{kind}")(**kwargs)
+    theirs = getattr(nn, f"LazyBatchNorm{kind}")(**kwargs)
+    assert ours.has_uninitialized_params() == theirs.has_uninitialized_params()
+    for step, training in enumerate([True, True, False]):
+        ours.train(training)
+        theirs.train(training)
+        x = torch.randn(shape) * (step + 1) + step
+        xs = [x.clone().requires_grad_(True) for _ in range(2)]
+        y, expected = ours(xs[0]), theirs(xs[1])
+        assert type(ours) is getattr(normext, f"BatchNorm{kind}")
+        torch.testing.assert_close(y, expected, **TOL[torch.float32]["fwd"])
+        dy = torch.randn(shape)
+        y.backward(dy)
+        expected.backward(dy)
+        torch.testing.assert_close(xs[0].grad, xs[1].grad, **TOL[torch.float32]["bwd"])
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for name, value in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[name], value, **TOL[torch.float32]["fwd"])
+
+
+def test_convert_lazy_batch_norm():
+    """convert() takes a torch LazyBatchNorm2d not yet initialized: it becomes normext's lazy
+    module, and on its first input normext's BatchNorm2d."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LazyBatchNorm2d())
+    normext.convert(model)
+    assert type(model[1]) is normext.LazyBatchNorm2d
+    model(torch.randn(2, 3, 6, 6))
+    assert type(model[1]) is normext.BatchNorm2d
+    assert model[1].num_features == 4
 
 
 def test_convert_conv_net():
