@@ -47,6 +47,11 @@ def _want_cuda():
     return found
 
 
+# The AVX-512 code generation flags: the whole build's with NORMEXT_CPU_ISA=avx512, else added for
+# csrc/cpu/avx512/*.cpp alone (see csrc/cpu/avx512/isa.h for why not a pragma).
+AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
+
+
 def _cpu_flags():
     isa = os.environ.get("NORMEXT_CPU_ISA", "auto").lower()
     if platform.machine() not in ("x86_64", "AMD64"):
@@ -64,15 +69,8 @@ def _cpu_flags():
         avx2 = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
         return avx2 + (["-DNORMEXT_CPU_AVX512"] if dual else [])
     if isa == "avx512":
-        return [
-            "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-            "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512",
-        ]
+        return AVX512_FLAGS + ["-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
     return []
-
-
-# Added for csrc/cpu/avx512/*.cpp alone (see csrc/cpu/avx512/isa.h for why not a pragma).
-AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
 
 
 def _is_avx512_copy(path):
