@@ -246,15 +246,17 @@ def test_double_backward(fn):
 # ---- torch.compile ----------------------------------------------------------------------------
 
 
+def _compare_buffers(ours, theirs, where=""):
+    for (name, b), (_, c) in zip(ours.named_buffers(), theirs.named_buffers()):
+        torch.testing.assert_close(b, c, **TOL[torch.float32]["fwd"], msg=prefixed(f"{where}{name}"))
+
+
 def _compare_modules(ours, theirs, step):
     for (name, p), (_, q) in zip(ours.named_parameters(), theirs.named_parameters()):
         torch.testing.assert_close(
             p.grad, q.grad, **TOL[torch.float32]["bwd"], msg=prefixed(f"step {step}, {name}.grad")
         )
-    for (name, b), (_, c) in zip(ours.named_buffers(), theirs.named_buffers()):
-        torch.testing.assert_close(
-            b, c, **TOL[torch.float32]["fwd"], msg=prefixed(f"step {step}, {name}")
-        )
+    _compare_buffers(ours, theirs, f"step {step}, ")
 
 
 @pytest.mark.slow
@@ -397,8 +399,7 @@ def test_compile_dynamic_shapes(kind):
         y.backward(dy)
         expected.backward(dy)
         torch.testing.assert_close(xs[0].grad, xs[1].grad, **TOL[torch.float32]["bwd"])
-    for (name, b), (_, c) in zip(ours.named_buffers(), theirs.named_buffers()):
-        torch.testing.assert_close(b, c, **TOL[torch.float32]["fwd"], msg=prefixed(name))
+    _compare_buffers(ours, theirs)
 
 
 @pytest.mark.parametrize("kind", ["batch_norm", "layer_norm"])
@@ -443,8 +444,7 @@ def test_jit_trace(kind, training):
     traced_theirs = torch.jit.trace(theirs, (x,), check_trace=False)
     x2 = torch.randn(shape) * 3 + 1
     torch.testing.assert_close(traced_ours(x2), traced_theirs(x2), **TOL[torch.float32]["fwd"])
-    for (name, b), (_, c) in zip(ours.named_buffers(), theirs.named_buffers()):
-        torch.testing.assert_close(b, c, **TOL[torch.float32]["fwd"], msg=prefixed(name))
+    _compare_buffers(ours, theirs)
 
 
 # ---- torch's OpInfo sample inputs -----------------------------------------------------------
