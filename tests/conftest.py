@@ -9,10 +9,22 @@ import math
 import pytest
 import torch
 
-import normext  # noqa: F401  (registers torch.ops.normext.*)
+import normext  # registers torch.ops.normext.*
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 HALF = (torch.bfloat16, torch.float16)
+
+# A "device" parameter value for the tests that run on the CPU and, where there is one, on CUDA.
+CUDA_PARAM = pytest.param(
+    "cuda",
+    marks=[
+        pytest.mark.cuda,
+        pytest.mark.skipif(
+            not (torch.cuda.is_available() and normext.with_cuda),
+            reason="needs a CUDA device and normext's CUDA kernels",
+        ),
+    ],
+)
 
 # ---- tolerances ---------------------------------------------------------------------------------
 # float64: normext is compared with torch.nn in float64, with these atol/rtol.

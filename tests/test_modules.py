@@ -8,7 +8,16 @@ import io
 
 import pytest
 import torch
-from conftest import DTYPES, TOL, compare_runs, forward_backward, make_input, prefixed
+from conftest import (
+    CUDA_PARAM,
+    DTYPES,
+    TOL,
+    check,
+    compare_runs,
+    forward_backward,
+    make_input,
+    prefixed,
+)
 from torch import nn
 
 import normext
@@ -299,16 +308,6 @@ def test_convert_leaves_subclasses_and_others_alone():
     assert type(bn) is normext.BatchNorm1d
 
 
-CUDA_PARAM = pytest.param(
-    "cuda",
-    marks=[
-        pytest.mark.cuda,
-        pytest.mark.skipif(
-            not (torch.cuda.is_available() and normext.with_cuda),
-            reason="needs a CUDA device and normext's CUDA kernels",
-        ),
-    ],
-)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -336,3 +335,84 @@ def test_autocast_matches_torch(device, dtype):
     torch.testing.assert_close(ours[2], theirs[2], atol=2e-2, rtol=2e-2)
     for (name, _), g, h in zip(model.named_parameters(), ours[3], theirs[3]):
         torch.testing.assert_close(g, h, atol=2e-2, rtol=2e-2, msg=prefixed(name))
+
+
+# ---- torch's own ModuleInfo samples -------------------------------------------------------------
+
+NORM_MODULES = {
+    nn.BatchNorm1d: normext.BatchNorm1d,
+    nn.BatchNorm2d: normext.BatchNorm2d,
+    nn.BatchNorm3d: normext.BatchNorm3d,
+    nn.LayerNorm: normext.LayerNorm,
+}
+
+
+@pytest.fixture(scope="module")
+def module_db():
+    pytest.importorskip("expecttest")  # torch.testing._internal needs it (requirements-dev.txt)
+    from torch.testing._internal.common_modules import module_db
+
+    return module_db
+
+
+def _module_run(module, args, kwargs, dy_seed):
+    """module(*args, **kwargs) on fresh leaves, then backward with a fixed random dy. Returns
+    (output, {name: buffer after the call, or a grad}) or the exception raised."""
+    args = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
+    try:
+        y = module(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001  (compared with the other implementation's)
+        return e, {}
+    state = {f"buffer {k}": v.detach().clone() for k, v in module.named_buffers()}
+    if y.requires_grad:
+        gen = torch.Generator().manual_seed(dy_seed)
+        y.backward(torch.randn(y.shape, generator=gen).to(y.device, y.dtype))
+        leaves = [(f"arg{i}", a) for i, a in enumerate(args)] + list(module.named_parameters())
+        state.update({f"{k}.grad": t.grad for k, t in leaves if t.grad is not None})
+    return y.detach(), state
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("device", ["cpu", CUDA_PARAM])
+def test_moduleinfo_samples(module_db, device, dtype, training):
+    """normext's modules on every sample of torch's ModuleInfo entries for BatchNorm1d/2d/3d and
+    LayerNorm (built from the same constructor arguments, with torch's module's state): the same
+    output, buffers after the call and grads (input and parameters), within the tolerance table
+    against a float64 run of torch's module (conftest.check), and an exception wherever torch
+    raises one. torch lists float32 and float64 for them; bfloat16 and float16 run the same
+    samples, cast."""
+    count = 0
+    for info in module_db:
+        ours_cls = NORM_MODULES.get(info.module_cls)
+        if ours_cls is None:
+            continue
+        samples = info.module_inputs_func(
+            info, device=device, dtype=dtype, requires_grad=True, training=training
+        )
+        for i, sample in enumerate(samples):
+            if sample.forward_input is None:
+                continue
+            where = f"{info.name} sample {i} ({sample.constructor_input.kwargs or ''})"
+            ctor, fwd = sample.constructor_input, sample.forward_input
+            torch.manual_seed(i)
+            theirs = info.module_cls(*ctor.args, **ctor.kwargs).to(device, dtype).train(training)
+            ours = ours_cls(*ctor.args, **ctor.kwargs).to(device, dtype).train(training)
+            ours.load_state_dict(theirs.state_dict())
+            ref = copy.deepcopy(theirs).double()
+            args = [a.to(dtype) if a.is_floating_point() else a for a in fwd.args]
+            expected, expected_state = _module_run(theirs, args, fwd.kwargs, i)
+            actual, actual_state = _module_run(ours, args, fwd.kwargs, i)
+            if isinstance(expected, Exception):
+                assert isinstance(actual, Exception), f"{where}: torch raised {expected!r}"
+                continue
+            assert not isinstance(actual, Exception), f"{where}: normext raised {actual!r}"
+            ref_out, ref_state = (None, {})
+            if dtype != torch.float64:
+                ref_out, ref_state = _module_run(ref, [a.double() for a in args], fwd.kwargs, i)
+            check(f"{where}, output", actual, expected, ref_out, dtype, "fwd")
+            assert actual_state.keys() == expected_state.keys(), where
+            for key, t in expected_state.items():
+                check(f"{where}, {key}", actual_state[key], t, ref_state.get(key), dtype, "bwd")
+            count += 1
+    assert count >= 20, f"only {count} samples compared"

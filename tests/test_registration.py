@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOL, check, prefixed
+from conftest import CUDA_PARAM, DTYPES, TOL, check, prefixed
 
 import normext
 import normext.functional as NF
@@ -484,7 +484,8 @@ def _run_sample(fn, sample, dy_seed, dtype=None):
     }
     if y.requires_grad:
         gen = torch.Generator().manual_seed(dy_seed)
-        y.backward(torch.randn(y.shape, generator=gen).to(y.dtype))  # same dy in any dtype
+        # the same dy in any dtype and on any device
+        y.backward(torch.randn(y.shape, generator=gen).to(y.device, y.dtype))
         for name, t in leaves.items():
             if t.grad is not None:
                 state[f"{name}.grad"] = t.grad
@@ -499,7 +500,8 @@ def _torch_batch_norm_eps0(*args, **kwargs):
     return F.batch_norm(*args, **kwargs)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("device", ["cpu", CUDA_PARAM])
 @pytest.mark.parametrize(
     "name,ours,theirs",
     [
@@ -508,16 +510,17 @@ def _torch_batch_norm_eps0(*args, **kwargs):
     ],
     ids=["batch_norm", "layer_norm"],
 )
-def test_opinfo_samples(op_db, name, ours, theirs, dtype):
+def test_opinfo_samples(op_db, name, ours, theirs, device, dtype):
     """normext.functional on every sample input of torch's OpInfo entries for the same function:
     same output, same running-statistics mutation, same grads, and an exception wherever torch
-    raises one. torch's own eps rules apply, except that normext's batch_norm accepts eps = 0 in
+    raises one, on the CPU and CUDA, in every dtype (torch lists float32 and float64; the half
+    dtypes run the same samples). torch's own eps rules apply, except that normext's batch_norm accepts eps = 0 in
     training; layer_norm accepts any eps (a sample uses eps=-0.5)."""
     entries = [op for op in op_db if op.name == name]
     assert entries, name
     count = 0
     for op in entries:
-        for i, sample in enumerate(op.sample_inputs("cpu", dtype, requires_grad=True)):
+        for i, sample in enumerate(op.sample_inputs(device, dtype, requires_grad=True)):
             where = f"{name}{'.' + op.variant_test_name if op.variant_test_name else ''} sample {i}"
             expected, expected_state = _run_sample(theirs, sample, i)
             actual, actual_state = _run_sample(ours, sample, i)
@@ -527,8 +530,8 @@ def test_opinfo_samples(op_db, name, ours, theirs, dtype):
                 )
                 continue
             assert not isinstance(actual, Exception), f"{where}: normext raised {actual!r}"
-            # float32 is measured against torch's float64 run, as conftest.check does: on a
-            # one-element row torch's float32 input grad is 1.2e-4 off the exact 0.
+            # float32 and half are measured against torch's float64 run, as conftest.check
+            # does: on a one-element row torch's float32 input grad is 1.2e-4 off the exact 0.
             ref, ref_state = (None, {})
             if dtype != torch.float64:
                 ref, ref_state = _run_sample(theirs, sample, i, torch.float64)
