@@ -649,14 +649,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
   at::Tensor save_mean = at::empty({C}, x.options().dtype(acc));
   at::Tensor save_invstd = at::empty({C}, x.options().dtype(acc));
   at::Tensor batch_var = at::empty({training ? C : 0}, x.options().dtype(acc));
-  at::Tensor w = param_as_acc(weight, acc), b = param_as_acc(bias, acc);
-
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_fwd", [&] {
     using A = acc_t<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    const A* wp = ptr_or_null<A>(w);
-    const A* bp = ptr_or_null<A>(b);
+    const ParamValues<A> wv(weight), bv(bias);
+    const A* wp = wv.ptr;
+    const A* bp = bv.ptr;
     A* sm = save_mean.mutable_data_ptr<A>();
     A* si = save_invstd.mutable_data_ptr<A>();
     A* sv = training ? batch_var.mutable_data_ptr<A>() : nullptr;
@@ -754,7 +753,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
   BnShape sh;
   at::Tensor x = bn_layout(input, sh);
   at::Tensor dy = like_layout(grad_out, x);
-  at::Tensor w = param_as_acc(weight, acc);
   at::Tensor dx = mask[0] ? advise_huge_pages(sh.channels_last ? at::empty_like(x)
                                                                : at::empty(x.sizes(), x.options()))
                           : at::empty({0}, x.options());
@@ -766,7 +764,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
     using A = acc_t<scalar_t>;
     const A* mean = mean_c.const_data_ptr<A>();
     const A* invstd = invstd_c.const_data_ptr<A>();
-    const A* wp = ptr_or_null<A>(w);
+    const ParamValues<A> wv(weight);
+    const A* wp = wv.ptr;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = dy.const_data_ptr<scalar_t>();
     scalar_t* dxp = mask[0] ? dx.mutable_data_ptr<scalar_t>() : nullptr;

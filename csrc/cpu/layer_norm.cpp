@@ -281,7 +281,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
   at::Tensor y = advise_huge_pages(at::empty(x.sizes(), x.options()));
   at::Tensor mean = at::empty(x.sizes().slice(0, axis), x.options().dtype(acc));
   at::Tensor rstd = at::empty(x.sizes().slice(0, axis), x.options().dtype(acc));
-  at::Tensor w = param_as_acc(weight, acc), b = param_as_acc(bias, acc);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_fwd", [&] {
     using A = acc_t<scalar_t>;
@@ -289,8 +288,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     A* mp = mean.mutable_data_ptr<A>();
     A* rp = rstd.mutable_data_ptr<A>();
-    const A* wp = ptr_or_null<A>(w);
-    const A* bp = ptr_or_null<A>(b);
+    const ParamValues<A> wv(weight), bv(bias);
+    const A* wp = wv.ptr;
+    const A* bp = bv.ptr;
     with_stream(ln_stream(M, N, 2, sizeof(scalar_t), yp), [&](auto nt) {
       at::parallel_for(0, M, std::max<int64_t>(1, 8192 / std::max<int64_t>(N, 1)),
                        [&](int64_t r0, int64_t r1) {
@@ -322,7 +322,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   const auto acc = acc_dtype(input.scalar_type());
   at::Tensor x = input.contiguous(), dy = grad_out.contiguous();
   at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
-  at::Tensor w = param_as_acc(weight, acc);
   at::Tensor dx =
       mask[0] ? advise_huge_pages(at::empty(x.sizes(), x.options())) : at::empty({0}, x.options());
   auto param_shape = x.sizes().slice(axis);
@@ -336,7 +335,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
     scalar_t* dxp = mask[0] ? dx.mutable_data_ptr<scalar_t>() : nullptr;
     const A* mp = mean_c.const_data_ptr<A>();
     const A* rp = rstd_c.const_data_ptr<A>();
-    const A* wp = ptr_or_null<A>(w);
+    const ParamValues<A> wv(weight);
+    const A* wp = wv.ptr;
     const bool sums = mask[1] || mask[2];
     // At most kBlocks row blocks, and no more than one per kBlockValues values: a (64, 768)
     // backward with a block per row built 393 KB of partials, fresh pages from the kernel on
