@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 
 #include "common.h"
@@ -40,6 +41,41 @@ constexpr int64_t kReduceChunk = 128;
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+// Whether a half input's weight and bias (those given; they share a dtype) are in the input's own
+// dtype: the kernels then read them as they are (W = the input's type), instead of a float32 copy
+// made per call, a conversion kernel per parameter (launches that cost more than a small
+// LayerNorm's own).
+bool params_in_input_dtype(const at::Tensor& x, std::initializer_list<const c10::optional<at::Tensor>*> params) {
+  if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16) return false;
+  for (const c10::optional<at::Tensor>* p : params)
+    if (p->has_value() && (*p)->defined()) return (*p)->scalar_type() == x.scalar_type();
+  return false;
+}
+
+// A parameter as a flat contiguous tensor: as it is where `own`, else in the statistics' dtype.
+at::Tensor param_flat(const c10::optional<at::Tensor>& p, bool own, at::ScalarType acc) {
+  if (!own) return param_as_acc(p, acc);
+  if (!p.has_value() || !p->defined()) return at::Tensor();
+  return p->reshape({-1}).contiguous();
+}
+
+template <typename W>
+struct TypeTag {
+  using type = W;
+};
+
+// f(TypeTag<W>) with W the parameters' element type: T where `own` (a half input), else A.
+template <typename T, typename A, typename F>
+void with_param_type(bool own, F&& f) {
+  if constexpr (!std::is_same_v<T, A>) {
+    if (own) {
+      f(TypeTag<T>{});
+      return;
+    }
+  }
+  f(TypeTag<A>{});
+}
 
 // Vectors of VEC values per thread at most (a power of two, at most 8) for `bytes` per array.
 template <typename A, int VEC>
@@ -109,13 +145,13 @@ void with_items(int items, F&& f) {
               " vectors per thread");
 }
 
-template <typename T, typename A, int VEC>
-void launch_fwd(const LayerNormFwdParams<T, A>& p, cudaStream_t stream) {
+template <typename T, typename A, int VEC, typename W>
+void launch_fwd(const LayerNormFwdParams<T, A, W>& p, cudaStream_t stream) {
   constexpr int kMax = max_items<A, VEC>(kFwdRegisterBytes);
   RowsConfig cfg;
   if (pick_rows_config(p.cols / VEC, kMax, cfg)) {
     with_items<kMax>(cfg.items, [&](auto items) {
-      auto kernel = layer_norm_fwd_rows_kernel<T, A, VEC, decltype(items)::value>;
+      auto kernel = layer_norm_fwd_rows_kernel<T, A, VEC, decltype(items)::value, W>;
       const int threads = cfg.threads_per_row * cfg.rows_per_block;
       const int64_t blocks = std::min(ceil_div(p.rows, cfg.rows_per_block),
                                       resident_blocks(kernel, threads));
@@ -125,14 +161,14 @@ void launch_fwd(const LayerNormFwdParams<T, A>& p, cudaStream_t stream) {
     });
     return;
   }
-  auto kernel = layer_norm_fwd_large_kernel<T, A, VEC>;
+  auto kernel = layer_norm_fwd_large_kernel<T, A, VEC, W>;
   const int64_t blocks = std::min(p.rows, resident_blocks(kernel, kLargeThreads));
   kernel<<<static_cast<unsigned>(blocks), kLargeThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, typename A, int VEC>
-void launch_bwd(LayerNormBwdParams<T, A> p, A* dweight, A* dbias, const at::TensorOptions& acc,
+template <typename T, typename A, int VEC, typename W>
+void launch_bwd(LayerNormBwdParams<T, A, W> p, A* dweight, A* dbias, const at::TensorOptions& acc,
                 cudaStream_t stream) {
   const bool sums = dweight != nullptr || dbias != nullptr;
   at::Tensor parts_buf;
@@ -151,7 +187,7 @@ void launch_bwd(LayerNormBwdParams<T, A> p, A* dweight, A* dbias, const at::Tens
   RowsConfig cfg;
   if (pick_rows_config(p.cols / VEC, kMax, cfg)) {
     with_items<kMax>(cfg.items, [&](auto items) {
-      auto kernel = layer_norm_bwd_rows_kernel<T, A, VEC, decltype(items)::value>;
+      auto kernel = layer_norm_bwd_rows_kernel<T, A, VEC, decltype(items)::value, W>;
       const int threads = cfg.threads_per_row * cfg.rows_per_block;
       const int64_t blocks = std::min(ceil_div(p.rows, cfg.rows_per_block),
                                       resident_blocks(kernel, threads));
@@ -162,7 +198,7 @@ void launch_bwd(LayerNormBwdParams<T, A> p, A* dweight, A* dbias, const at::Tens
     });
   } else {
     if (p.dx != nullptr) {
-      auto kernel = layer_norm_bwd_large_kernel<T, A, VEC>;
+      auto kernel = layer_norm_bwd_large_kernel<T, A, VEC, W>;
       const int64_t blocks = std::min(p.rows, resident_blocks(kernel, kLargeThreads));
       kernel<<<static_cast<unsigned>(blocks), kLargeThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -176,7 +212,7 @@ void launch_bwd(LayerNormBwdParams<T, A> p, A* dweight, A* dbias, const at::Tens
       const int64_t rows_per_part = ceil_div(p.rows, slices);
       alloc_parts(ceil_div(p.rows, rows_per_part));
       const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(parts));
-      layer_norm_bwd_col_partials_kernel<T, A>
+      layer_norm_bwd_col_partials_kernel<T, A, W>
           <<<grid, dim3(kWarpSize, kColThreadsY), 0, stream>>>(p, rows_per_part);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -227,20 +263,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
     rstd.fill_(1.0 / std::sqrt(eps));
     return {y, mean, rstd};
   }
-  at::Tensor w = param_as_acc(weight, acc), b = param_as_acc(bias, acc);
+  const bool own = params_in_input_dtype(x, {&weight, &bias});
+  at::Tensor w = param_flat(weight, own, acc), b = param_flat(bias, own, acc);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_fwd_cuda",
                                   [&] {
     using A = acc_t<scalar_t>;
+    with_param_type<scalar_t, A>(own, [&](auto wtag) {
+    using W = typename decltype(wtag)::type;
     constexpr int V = kVecWidth<scalar_t>;
-    LayerNormFwdParams<scalar_t, A> p;
+    LayerNormFwdParams<scalar_t, A, W> p;
     p.x = x.const_data_ptr<scalar_t>();
     p.y = y.mutable_data_ptr<scalar_t>();
     p.mean = mean.mutable_data_ptr<A>();
     p.rstd = rstd.mutable_data_ptr<A>();
-    p.weight = ptr_or_null<A>(w);
-    p.bias = ptr_or_null<A>(b);
+    p.weight = ptr_or_null<W>(w);
+    p.bias = ptr_or_null<W>(b);
     p.rows = M;
     p.cols = N;
     p.inv_cols = static_cast<A>(1.0 / static_cast<double>(N));
@@ -252,6 +291,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
     } else {
       launch_fwd<scalar_t, A, 1>(p, stream);
     }
+    });
   });
   return {y, mean, rstd};
 }
@@ -267,7 +307,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor x = input.contiguous(), dy = grad_out.contiguous();
   at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
-  at::Tensor w = param_as_acc(weight, acc);
+  const bool own = params_in_input_dtype(x, {&weight});
+  at::Tensor w = param_flat(weight, own, acc);
   at::Tensor dx = mask[0] ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   auto param_shape = x.sizes().slice(axis);
   auto acc_opts = x.options().dtype(acc);
@@ -285,13 +326,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_bwd_cuda",
                                   [&] {
     using A = acc_t<scalar_t>;
+    with_param_type<scalar_t, A>(own, [&](auto wtag) {
+    using W = typename decltype(wtag)::type;
     constexpr int V = kVecWidth<scalar_t>;
-    LayerNormBwdParams<scalar_t, A> p;
+    LayerNormBwdParams<scalar_t, A, W> p;
     p.dy = dy.const_data_ptr<scalar_t>();
     p.x = x.const_data_ptr<scalar_t>();
     p.mean = mean_c.const_data_ptr<A>();
     p.rstd = rstd_c.const_data_ptr<A>();
-    p.weight = ptr_or_null<A>(w);
+    p.weight = ptr_or_null<W>(w);
     p.dx = mask[0] ? dx.mutable_data_ptr<scalar_t>() : nullptr;
     p.part_dweight = nullptr;
     p.part_dbias = nullptr;
@@ -307,6 +350,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
     } else {
       launch_bwd<scalar_t, A, 1>(p, dwp, dbp, acc_opts, stream);
     }
+    });
   });
   return {dx, dw, db};
 }

@@ -56,27 +56,30 @@ constexpr int kColThreadsY = 16;
 template <typename T>
 constexpr int kVecWidth = 16 / static_cast<int>(sizeof(T));
 
-template <typename T, typename A>
+// W: the weight/bias element type, A (float32 parameters next to a half input, or the input's
+// own float/double) or the half input's own type (read and widened in the kernels: no separate
+// conversion kernel per parameter per call).
+template <typename T, typename A, typename W = A>
 struct LayerNormFwdParams {
   const T* x;        // rows x cols
   T* y;              // rows x cols
   A* mean;           // rows
   A* rstd;           // rows
-  const A* weight;   // cols, or null
-  const A* bias;     // cols, or null
+  const W* weight;   // cols, or null
+  const W* bias;     // cols, or null
   int64_t rows;
   int64_t cols;
   A inv_cols;        // 1 / cols
   A eps;
 };
 
-template <typename T, typename A>
+template <typename T, typename A, typename W = A>
 struct LayerNormBwdParams {
   const T* dy;       // rows x cols
   const T* x;        // rows x cols
   const A* mean;     // rows
   const A* rstd;     // rows
-  const A* weight;   // cols, or null
+  const W* weight;   // cols, or null (W as in LayerNormFwdParams)
   T* dx;             // rows x cols, or null when grad_input is not asked for
   A* part_dweight;   // parts x cols partial sums of dy * xhat, or null when not asked for
   A* part_dbias;     // parts x cols partial sums of dy, or null when not asked for
@@ -253,9 +256,9 @@ __device__ __forceinline__ Welford<A> block_welford(Welford<A> s, A* smem) {
 // registers (x is read once).
 // Work split: see the top of the file; the row group's ITEMS * VEC values per thread cover the row
 // (threads_per_row * ITEMS * VEC >= cols, the launcher checks), the excess slots are idle.
-template <typename T, typename A, int VEC, int ITEMS>
+template <typename T, typename A, int VEC, int ITEMS, typename W = A>
 __global__ void __launch_bounds__(kRowsMaxThreads)
-    layer_norm_fwd_rows_kernel(const LayerNormFwdParams<T, A> p) {
+    layer_norm_fwd_rows_kernel(const LayerNormFwdParams<T, A, W> p) {
   __shared__ A smem1[kRowsMaxWarps * 3];
   __shared__ A smem2[kRowsMaxWarps * 2];
   const int threads_per_row = blockDim.x;
@@ -346,9 +349,9 @@ __global__ void __launch_bounds__(kRowsMaxThreads)
 // mean = x[0] + mean(d).
 // Work split: thread t handles vectors t, t + kLargeThreads, ... of the row, kLargeUnroll vectors
 // loaded before any is used.
-template <typename T, typename A, int VEC>
+template <typename T, typename A, int VEC, typename W = A>
 __global__ void __launch_bounds__(kLargeThreads)
-    layer_norm_fwd_large_kernel(const LayerNormFwdParams<T, A> p) {
+    layer_norm_fwd_large_kernel(const LayerNormFwdParams<T, A, W> p) {
   __shared__ A smem[2][kLargeWarps * 3];
   const int64_t nvec = p.cols / VEC;
   const int64_t step = static_cast<int64_t>(kLargeUnroll) * kLargeThreads;
@@ -422,9 +425,9 @@ __global__ void __launch_bounds__(kLargeThreads)
 // written once at the end (group = blockIdx.x * blockDim.y + threadIdx.y; a thread always owns
 // the same columns). layer_norm_bwd_param_reduce_kernel adds the groups' rows in order.
 // Work split: as layer_norm_fwd_rows_kernel.
-template <typename T, typename A, int VEC, int ITEMS>
+template <typename T, typename A, int VEC, int ITEMS, typename W = A>
 __global__ void __launch_bounds__(kRowsMaxThreads)
-    layer_norm_bwd_rows_kernel(const LayerNormBwdParams<T, A> p) {
+    layer_norm_bwd_rows_kernel(const LayerNormBwdParams<T, A, W> p) {
   __shared__ A smem[2][kRowsMaxWarps * 2];
   const int threads_per_row = blockDim.x;
   const int warps_per_row = threads_per_row / kWarpSize;
@@ -513,9 +516,9 @@ __global__ void __launch_bounds__(kRowsMaxThreads)
 // dy, then dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) in a second read.
 // Work split: as layer_norm_fwd_large_kernel. dweight/dbias come from
 // layer_norm_bwd_col_partials_kernel.
-template <typename T, typename A, int VEC>
+template <typename T, typename A, int VEC, typename W = A>
 __global__ void __launch_bounds__(kLargeThreads)
-    layer_norm_bwd_large_kernel(const LayerNormBwdParams<T, A> p) {
+    layer_norm_bwd_large_kernel(const LayerNormBwdParams<T, A, W> p) {
   __shared__ A smem[2][kLargeWarps * 2];
   const int64_t nvec = p.cols / VEC;
   const int64_t step = static_cast<int64_t>(kLargeUnroll) * kLargeThreads;
@@ -577,9 +580,10 @@ __global__ void __launch_bounds__(kLargeThreads)
 // Work split: blockIdx.x picks 32 columns (threadIdx.x), blockIdx.y the slice of rows_per_part
 // rows; threadIdx.y sums rows threadIdx.y, threadIdx.y + kColThreadsY, ... of the slice, and
 // the kColThreadsY sums are added in order.
-template <typename T, typename A>
+template <typename T, typename A, typename W = A>
 __global__ void __launch_bounds__(kWarpSize* kColThreadsY)
-    layer_norm_bwd_col_partials_kernel(const LayerNormBwdParams<T, A> p, int64_t rows_per_part) {
+    layer_norm_bwd_col_partials_kernel(const LayerNormBwdParams<T, A, W> p,
+                                       int64_t rows_per_part) {
   __shared__ A sdw[kColThreadsY][kWarpSize + 1];
   __shared__ A sdb[kColThreadsY][kWarpSize + 1];
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kWarpSize + threadIdx.x;
