@@ -9,9 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
+    CUDA_PARAM,
     DTYPES,
     LAYOUTS,
     REF_ERR_MULT,
+    TOL,
     check,
     compare_runs,
     forward_backward,
@@ -301,3 +303,37 @@ def test_backward_output_masks(dtype):
             for k in range(3):
                 if mask[k]:
                     torch.testing.assert_close(ours[k], ref[k], **tol, msg=prefixed(f"{mask} {k}"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA_PARAM])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "param_dtypes", ["own,own", "own,fp32", "fp32,own", "fp32,fp32", "own,none", "none,own"]
+)
+def test_op_half_params_any_dtype(param_dtypes, dtype, device):
+    """The ops take each of a half input's weight and bias in the input's dtype or float32,
+    independently (the Python layer refuses a mix, as torch does; the op itself accepts it), and
+    read each in its own dtype: forward and backward match float64 on the same rounded values."""
+    torch.manual_seed(0)
+    x = torch.randn(37, 520, device=device).to(dtype)
+    kinds = param_dtypes.split(",")
+    params = [
+        None if k == "none" else (torch.randn(520, device=device) * (i + 1)).to(
+            dtype if k == "own" else torch.float32
+        )
+        for i, k in enumerate(kinds)
+    ]
+    w, b = params
+    y, mean, rstd = torch.ops.normext.layer_norm_fwd(x, 1, w, b, 1e-5)
+    dbl = lambda t: None if t is None else t.double()
+    ref = F.layer_norm(x.double(), (520,), dbl(w), dbl(b), 1e-5)
+    torch.testing.assert_close(y.double(), ref, atol=TOL[dtype]["fwd"]["atol"], rtol=0.01)
+    dy = torch.randn_like(x)
+    mask = [True, w is not None, False]
+    dx, dw, _db = torch.ops.normext.layer_norm_bwd(dy, x, 1, mean, rstd, w, mask)
+    xd = x.double().requires_grad_()
+    wd = None if w is None else w.double().requires_grad_()
+    (F.layer_norm(xd, (520,), wd, dbl(b), 1e-5) * dy.double()).sum().backward()
+    torch.testing.assert_close(dx.double(), xd.grad, atol=TOL[dtype]["bwd"]["atol"], rtol=0.02)
+    if w is not None:
+        torch.testing.assert_close(dw.double(), wd.grad, atol=0.5, rtol=0.02)

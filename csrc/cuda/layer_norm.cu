@@ -42,15 +42,21 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
-// Whether a half input's weight and bias (those given; they share a dtype) are in the input's own
+// Whether a half input's weight and bias (those given, at least one) are all in the input's own
 // dtype: the kernels then read them as they are (W = the input's type), instead of a float32 copy
 // made per call, a conversion kernel per parameter (launches that cost more than a small
-// LayerNorm's own).
-bool params_in_input_dtype(const at::Tensor& x, std::initializer_list<const c10::optional<at::Tensor>*> params) {
+// LayerNorm's own). The op itself accepts a float32 weight beside a half bias (the Python layer
+// refuses the mix, as torch does); such a pair takes the float32 copies.
+bool params_in_input_dtype(const at::Tensor& x,
+                           std::initializer_list<const c10::optional<at::Tensor>*> params) {
   if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16) return false;
-  for (const c10::optional<at::Tensor>* p : params)
-    if (p->has_value() && (*p)->defined()) return (*p)->scalar_type() == x.scalar_type();
-  return false;
+  bool any = false;
+  for (const c10::optional<at::Tensor>* p : params) {
+    if (!p->has_value() || !(*p)->defined()) continue;
+    if ((*p)->scalar_type() != x.scalar_type()) return false;
+    any = true;
+  }
+  return any;
 }
 
 // A parameter as a flat contiguous tensor: as it is where `own`, else in the statistics' dtype.
