@@ -618,20 +618,9 @@ void channel_apply(const T* g, const T* x, T* out, const BnShape& sh, const acc_
   }
 }
 
-// ---- ops -------------------------------------------------------------------------------------
-
-// A small floating-point tensor's values in double (a loop, not tensor ops: this is per call).
-std::vector<double> to_doubles(const at::Tensor& t) {
-  const at::Tensor c = t.contiguous();
-  std::vector<double> out(c.numel());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "to_doubles", [&] {
-    const scalar_t* p = c.const_data_ptr<scalar_t>();
-    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<double>(p[i]);
-  });
-  return out;
-}
-
 }  // namespace
+
+// ---- ops -------------------------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight,
@@ -719,8 +708,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
       const std::vector<Moments> mo = channel_moments(xp, sh);
       for (int64_t c = 0; c < C; ++c) set_channel(c, mo[c].mean, mo[c].var());
     } else {
-      const std::vector<double> rm = to_doubles(*running_mean), rv = to_doubles(*running_var);
-      for (int64_t c = 0; c < C; ++c) set_channel(c, rm[c], rv[c]);
+      const ParamValues<double> rm(running_mean), rv(running_var);
+      for (int64_t c = 0; c < C; ++c) set_channel(c, rm.ptr[c], rv.ptr[c]);
     }
     if (x.numel() == 0) return;
     const bool fold = std::all_of(folded.begin(), folded.end(), [](char f) { return f != 0; });

@@ -146,7 +146,8 @@ inline void stream_fence() {
 #endif
 }
 
-// A parameter (weight or bias) as contiguous A values, read in its own dtype: the tensor itself
+// A parameter (weight or bias; BatchNorm's running statistics as double) as contiguous A
+// values, read in its own dtype: the tensor itself
 // where it already is (the common float32 or float64 case), else a widened copy in a std::vector
 // (exact: half values widen to float). ptr is null for an absent parameter. No tensor op, so no
 // dispatcher call or allocation of a tensor per parameter: measured, a (8, 16, 4, 4) bfloat16
