@@ -83,6 +83,33 @@ def check(name: str, actual, expected, ref, dtype: torch.dtype, kind: str) -> No
     )
 
 
+
+def backward_with_seeded_dy(y: torch.Tensor, seed: int) -> None:
+    """y.backward(dy) with dy random from a fixed seed: the same values in any dtype and on any
+    device, so two implementations (or a float64 reference run) get the same dy."""
+    gen = torch.Generator().manual_seed(seed)
+    y.backward(torch.randn(y.shape, generator=gen).to(y.device, y.dtype))
+
+
+def compare_sample(where: str, dtype: torch.dtype, expected, actual, reference) -> bool:
+    """One of torch's sample inputs (OpInfo or ModuleInfo) run by torch (``expected``) and by
+    normext (``actual``), each (output, {name: tensor after the call, or a grad}) or (the
+    exception raised, {}): normext raises wherever torch does, and otherwise matches it with
+    ``check``, float32 and half measured against ``reference()``, torch's float64 run (on a
+    one-element row torch's float32 input grad is 1.2e-4 off the exact 0). Returns whether
+    values were compared (False where both raised)."""
+    (out, state), (ours, our_state) = expected, actual
+    if isinstance(out, Exception):
+        assert isinstance(ours, Exception), f"{where}: torch raised {out!r}, normext did not"
+        return False
+    assert not isinstance(ours, Exception), f"{where}: normext raised {ours!r}"
+    ref, ref_state = reference() if dtype != torch.float64 else (None, {})
+    check(f"{where}, output", ours, out, ref, dtype, "fwd")
+    assert our_state.keys() == state.keys(), where
+    for key, t in state.items():
+        check(f"{where}, {key}", our_state[key], t, ref_state.get(key), dtype, "bwd")
+    return True
+
 # ---- input layouts ------------------------------------------------------------------------------
 LAYOUTS = ["contiguous", "sliced", "transposed", "broadcast"]
 

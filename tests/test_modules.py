@@ -12,8 +12,9 @@ from conftest import (
     CUDA_PARAM,
     DTYPES,
     TOL,
-    check,
+    backward_with_seeded_dy,
     compare_runs,
+    compare_sample,
     forward_backward,
     make_input,
     prefixed,
@@ -365,8 +366,7 @@ def _module_run(module, args, kwargs, dy_seed):
         return e, {}
     state = {f"buffer {k}": v.detach().clone() for k, v in module.named_buffers()}
     if y.requires_grad:
-        gen = torch.Generator().manual_seed(dy_seed)
-        y.backward(torch.randn(y.shape, generator=gen).to(y.device, y.dtype))
+        backward_with_seeded_dy(y, dy_seed)
         leaves = [(f"arg{i}", a) for i, a in enumerate(args)] + list(module.named_parameters())
         state.update({f"{k}.grad": t.grad for k, t in leaves if t.grad is not None})
     return y.detach(), state
@@ -401,18 +401,13 @@ def test_moduleinfo_samples(module_db, device, dtype, training):
             ours.load_state_dict(theirs.state_dict())
             ref = copy.deepcopy(theirs).double()
             args = [a.to(dtype) if a.is_floating_point() else a for a in fwd.args]
-            expected, expected_state = _module_run(theirs, args, fwd.kwargs, i)
-            actual, actual_state = _module_run(ours, args, fwd.kwargs, i)
-            if isinstance(expected, Exception):
-                assert isinstance(actual, Exception), f"{where}: torch raised {expected!r}"
-                continue
-            assert not isinstance(actual, Exception), f"{where}: normext raised {actual!r}"
-            ref_out, ref_state = (None, {})
-            if dtype != torch.float64:
-                ref_out, ref_state = _module_run(ref, [a.double() for a in args], fwd.kwargs, i)
-            check(f"{where}, output", actual, expected, ref_out, dtype, "fwd")
-            assert actual_state.keys() == expected_state.keys(), where
-            for key, t in expected_state.items():
-                check(f"{where}, {key}", actual_state[key], t, ref_state.get(key), dtype, "bwd")
-            count += 1
+            count += compare_sample(
+                where,
+                dtype,
+                _module_run(theirs, args, fwd.kwargs, i),
+                _module_run(ours, args, fwd.kwargs, i),
+                lambda ref=ref, args=args, fwd=fwd, i=i: _module_run(
+                    ref, [a.double() for a in args], fwd.kwargs, i
+                ),
+            )
     assert count >= 20, f"only {count} samples compared"

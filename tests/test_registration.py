@@ -9,7 +9,14 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CUDA_PARAM, DTYPES, TOL, check, prefixed
+from conftest import (
+    CUDA_PARAM,
+    DTYPES,
+    TOL,
+    backward_with_seeded_dy,
+    compare_sample,
+    prefixed,
+)
 
 import normext
 import normext.functional as NF
@@ -483,9 +490,7 @@ def _run_sample(fn, sample, dy_seed, dtype=None):
         **{k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)},
     }
     if y.requires_grad:
-        gen = torch.Generator().manual_seed(dy_seed)
-        # the same dy in any dtype and on any device
-        y.backward(torch.randn(y.shape, generator=gen).to(y.device, y.dtype))
+        backward_with_seeded_dy(y, dy_seed)
         for name, t in leaves.items():
             if t.grad is not None:
                 state[f"{name}.grad"] = t.grad
@@ -514,30 +519,19 @@ def test_opinfo_samples(op_db, name, ours, theirs, device, dtype):
     """normext.functional on every sample input of torch's OpInfo entries for the same function:
     same output, same running-statistics mutation, same grads, and an exception wherever torch
     raises one, on the CPU and CUDA, in every dtype (torch lists float32 and float64; the half
-    dtypes run the same samples). torch's own eps rules apply, except that normext's batch_norm accepts eps = 0 in
-    training; layer_norm accepts any eps (a sample uses eps=-0.5)."""
+    dtypes run the same samples). torch's own eps rules apply, except that normext's batch_norm
+    accepts eps = 0 in training; layer_norm accepts any eps (a sample uses eps=-0.5)."""
     entries = [op for op in op_db if op.name == name]
     assert entries, name
     count = 0
     for op in entries:
         for i, sample in enumerate(op.sample_inputs(device, dtype, requires_grad=True)):
             where = f"{name}{'.' + op.variant_test_name if op.variant_test_name else ''} sample {i}"
-            expected, expected_state = _run_sample(theirs, sample, i)
-            actual, actual_state = _run_sample(ours, sample, i)
-            if isinstance(expected, Exception):
-                assert isinstance(actual, Exception), (
-                    f"{where}: torch raised {expected!r}, normext did not"
-                )
-                continue
-            assert not isinstance(actual, Exception), f"{where}: normext raised {actual!r}"
-            # float32 and half are measured against torch's float64 run, as conftest.check
-            # does: on a one-element row torch's float32 input grad is 1.2e-4 off the exact 0.
-            ref, ref_state = (None, {})
-            if dtype != torch.float64:
-                ref, ref_state = _run_sample(theirs, sample, i, torch.float64)
-            check(f"{where}, output", actual, expected, ref, dtype, "fwd")
-            assert actual_state.keys() == expected_state.keys(), where
-            for key, t in expected_state.items():
-                check(f"{where}, {key}", actual_state[key], t, ref_state.get(key), dtype, "bwd")
-            count += 1
+            count += compare_sample(
+                where,
+                dtype,
+                _run_sample(theirs, sample, i),
+                _run_sample(ours, sample, i),
+                lambda sample=sample, i=i: _run_sample(theirs, sample, i, torch.float64),
+            )
     assert count >= 5, f"only {count} samples compared"
