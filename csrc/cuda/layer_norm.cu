@@ -277,26 +277,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
                                   [&] {
     using A = acc_t<scalar_t>;
     with_param_type<scalar_t, A>(own, [&](auto wtag) {
-    using W = typename decltype(wtag)::type;
-    constexpr int V = kVecWidth<scalar_t>;
-    LayerNormFwdParams<scalar_t, A, W> p;
-    p.x = x.const_data_ptr<scalar_t>();
-    p.y = y.mutable_data_ptr<scalar_t>();
-    p.mean = mean.mutable_data_ptr<A>();
-    p.rstd = rstd.mutable_data_ptr<A>();
-    p.weight = ptr_or_null<W>(w);
-    p.bias = ptr_or_null<W>(b);
-    p.rows = M;
-    p.cols = N;
-    p.inv_cols = static_cast<A>(1.0 / static_cast<double>(N));
-    p.eps = static_cast<A>(eps);
-    const bool vec = N % V == 0 && aligned16(p.x) && aligned16(p.y) && aligned16(p.weight) &&
-                     aligned16(p.bias);
-    if (vec) {
-      launch_fwd<scalar_t, A, V>(p, stream);
-    } else {
-      launch_fwd<scalar_t, A, 1>(p, stream);
-    }
+      using W = typename decltype(wtag)::type;
+      constexpr int V = kVecWidth<scalar_t>;
+      LayerNormFwdParams<scalar_t, A, W> p;
+      p.x = x.const_data_ptr<scalar_t>();
+      p.y = y.mutable_data_ptr<scalar_t>();
+      p.mean = mean.mutable_data_ptr<A>();
+      p.rstd = rstd.mutable_data_ptr<A>();
+      p.weight = ptr_or_null<W>(w);
+      p.bias = ptr_or_null<W>(b);
+      p.rows = M;
+      p.cols = N;
+      p.inv_cols = static_cast<A>(1.0 / static_cast<double>(N));
+      p.eps = static_cast<A>(eps);
+      const bool vec = N % V == 0 && aligned16(p.x) && aligned16(p.y) && aligned16(p.weight) &&
+                       aligned16(p.bias);
+      if (vec) {
+        launch_fwd<scalar_t, A, V>(p, stream);
+      } else {
+        launch_fwd<scalar_t, A, 1>(p, stream);
+      }
     });
   });
   return {y, mean, rstd};
@@ -333,29 +333,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
                                   [&] {
     using A = acc_t<scalar_t>;
     with_param_type<scalar_t, A>(own, [&](auto wtag) {
-    using W = typename decltype(wtag)::type;
-    constexpr int V = kVecWidth<scalar_t>;
-    LayerNormBwdParams<scalar_t, A, W> p;
-    p.dy = dy.const_data_ptr<scalar_t>();
-    p.x = x.const_data_ptr<scalar_t>();
-    p.mean = mean_c.const_data_ptr<A>();
-    p.rstd = rstd_c.const_data_ptr<A>();
-    p.weight = ptr_or_null<W>(w);
-    p.dx = mask[0] ? dx.mutable_data_ptr<scalar_t>() : nullptr;
-    p.part_dweight = nullptr;
-    p.part_dbias = nullptr;
-    p.rows = M;
-    p.cols = N;
-    p.inv_cols = static_cast<A>(1.0 / static_cast<double>(N));
-    A* dwp = mask[1] ? dw.mutable_data_ptr<A>() : nullptr;
-    A* dbp = mask[2] ? db.mutable_data_ptr<A>() : nullptr;
-    const bool vec = N % V == 0 && aligned16(p.x) && aligned16(p.dy) && aligned16(p.dx) &&
-                     aligned16(p.weight);
-    if (vec) {
-      launch_bwd<scalar_t, A, V>(p, dwp, dbp, acc_opts, stream);
-    } else {
-      launch_bwd<scalar_t, A, 1>(p, dwp, dbp, acc_opts, stream);
-    }
+      using W = typename decltype(wtag)::type;
+      constexpr int V = kVecWidth<scalar_t>;
+      LayerNormBwdParams<scalar_t, A, W> p;
+      p.dy = dy.const_data_ptr<scalar_t>();
+      p.x = x.const_data_ptr<scalar_t>();
+      p.mean = mean_c.const_data_ptr<A>();
+      p.rstd = rstd_c.const_data_ptr<A>();
+      p.weight = ptr_or_null<W>(w);
+      p.dx = mask[0] ? dx.mutable_data_ptr<scalar_t>() : nullptr;
+      p.part_dweight = nullptr;
+      p.part_dbias = nullptr;
+      p.rows = M;
+      p.cols = N;
+      p.inv_cols = static_cast<A>(1.0 / static_cast<double>(N));
+      A* dwp = mask[1] ? dw.mutable_data_ptr<A>() : nullptr;
+      A* dbp = mask[2] ? db.mutable_data_ptr<A>() : nullptr;
+      const bool vec = N % V == 0 && aligned16(p.x) && aligned16(p.dy) && aligned16(p.dx) &&
+                       aligned16(p.weight);
+      if (vec) {
+        launch_bwd<scalar_t, A, V>(p, dwp, dbp, acc_opts, stream);
+      } else {
+        launch_bwd<scalar_t, A, 1>(p, dwp, dbp, acc_opts, stream);
+      }
     });
   });
   return {dx, dw, db};
