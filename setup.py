@@ -49,25 +49,37 @@ def _want_cuda():
 
 # The AVX-512 code generation flags: the whole build's with NORMEXT_CPU_ISA=avx512, else added for
 # csrc/cpu/avx512/*.cpp alone (see csrc/cpu/avx512/isa.h for why not a pragma).
+# Where the build machine has AVX512_BF16 too, -mavx512bf16 joins them, and the AVX-512 copy
+# rounds float to bfloat16 in one instruction (bf16_pack in csrc/cpu/vec_utils.h; dispatch.cpp
+# then runs that copy only on CPUs that have it).
 AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
+
+
+def _build_machine_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(f.read().split())
+    except OSError:
+        return set()
 
 
 def _cpu_flags():
     isa = os.environ.get("NORMEXT_CPU_ISA", "auto").lower()
     if platform.machine() not in ("x86_64", "AMD64"):
         return []
+    flags = _build_machine_flags()
+    if "avx512_bf16" in flags and isa in ("auto", "avx512"):
+        AVX512_FLAGS.append("-mavx512bf16")
     dual = False
     if isa == "auto":
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = set(f.read().split())
-        except OSError:
-            flags = set()
         isa = "avx2" if {"avx2", "fma", "f16c"} <= flags else "default"
         dual = isa == "avx2" and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
     if isa == "avx2":
         avx2 = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
-        return avx2 + (["-DNORMEXT_CPU_AVX512"] if dual else [])
+        if not dual:
+            return avx2
+        bf16 = ["-DNORMEXT_CPU_AVX512_BF16"] if "-mavx512bf16" in AVX512_FLAGS else []
+        return avx2 + ["-DNORMEXT_CPU_AVX512"] + bf16
     if isa == "avx512":
         return AVX512_FLAGS + ["-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
     return []

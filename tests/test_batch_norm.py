@@ -666,3 +666,30 @@ def test_output_accuracy_across_offsets(layout, training):
         scale = (ref.abs().amax(dim=dims) + w.double()).view(1, c, *[1] * (x.dim() - 2))
         err = ((y.double() - ref).abs() / scale).amax(dim=dims)
         assert (err <= 32 * torch.finfo(torch.float32).eps).all(), (offsets, err)
+
+
+@pytest.mark.parametrize(
+    "op, shape", [("batch_norm", (8, 16, 12, 12)), ("batch_norm", (64, 40)), ("layer_norm", (64, 96))]
+)
+def test_bfloat16_denormal_outputs(op, shape):
+    """bfloat16 outputs below float's smallest normal (2**-126) stay denormal, as torch rounds
+    them: the AVX-512 kernels round with vcvtne2ps2bf16 (csrc/cpu/vec_utils.h, bf16_pack), which
+    flushes denormal inputs to zero unless the kernel falls back for them. A weight of 2e-38
+    makes many outputs denormal, most of them far above the tolerance (a few of bfloat16's
+    smallest steps, 2**-133, as float's own denormal arithmetic differs by that much between
+    the kernels' formulas), so a flushed one fails."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(shape, generator=g).bfloat16()
+    n = shape[-1] if op == "layer_norm" else shape[1]
+    w = torch.full((n,), 2e-38, dtype=torch.bfloat16)
+    b = torch.zeros(n, dtype=torch.bfloat16)
+    if op == "layer_norm":
+        ours = NF.layer_norm(x, (n,), w, b)
+        theirs = F.layer_norm(x, (n,), w, b)
+    else:
+        ours = NF.batch_norm(x, None, None, w, b, training=True)
+        theirs = F.batch_norm(x, None, None, w, b, training=True)
+    tiny, atol = torch.finfo(torch.float32).tiny, 4 * 2.0**-133
+    denormal = (theirs.abs() > 8 * atol) & (theirs.abs() < tiny)
+    assert denormal.float().mean() > 0.3
+    torch.testing.assert_close(ours, theirs, rtol=2 * 2**-8, atol=atol)

@@ -19,7 +19,13 @@ namespace {
 // it, and ATEN_CPU_CAPABILITY does not lower it).
 bool avx512_usable() {
 #if defined(NORMEXT_CPU_AVX512)
+  // (a copy built with AVX512_BF16 instructions, setup.py, needs them too)
+#if defined(NORMEXT_CPU_AVX512_BF16)
+  static const bool ok =
+      at::get_cpu_capability() == "AVX512" && __builtin_cpu_supports("avx512bf16");
+#else
   static const bool ok = at::get_cpu_capability() == "AVX512";
+#endif
   return ok;
 #else
   return false;
