@@ -7,6 +7,8 @@
 
 #ifdef NORMEXT_EXTENSION
 #include <Python.h>
+
+#include "cpu/output_cache.h"
 #endif
 
 TORCH_LIBRARY(normext, m) {
@@ -41,8 +43,27 @@ TORCH_LIBRARY(normext, m) {
 
 #ifdef NORMEXT_EXTENSION
 // Importing normext._C loads this library, which runs the registrations above. The module itself
-// only reports build facts.
-static struct PyModuleDef normext_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+// reports build facts and manages the CPU output cache (cpu/output_cache.h).
+static PyObject* cpu_cache_stats(PyObject*, PyObject*) {
+  const normext::cpu::OutputCacheStats s = normext::cpu::output_cache_stats();
+  return Py_BuildValue("{s:L,s:L,s:L,s:L}", "cached_bytes", static_cast<long long>(s.cached_bytes),
+                       "limit_bytes", static_cast<long long>(s.limit_bytes), "hits",
+                       static_cast<long long>(s.hits), "misses", static_cast<long long>(s.misses));
+}
+
+static PyObject* cpu_cache_release(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(static_cast<long long>(normext::cpu::output_cache_release()));
+}
+
+static PyMethodDef normext_methods[] = {
+    {"cpu_cache_stats", cpu_cache_stats, METH_NOARGS,
+     "The CPU output cache's cached_bytes, limit_bytes, hits and misses."},
+    {"cpu_cache_release", cpu_cache_release, METH_NOARGS,
+     "Return the CPU output cache's blocks to the system; returns the bytes released."},
+    {nullptr, nullptr, 0, nullptr}};
+
+static struct PyModuleDef normext_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                            normext_methods};
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* mod = PyModule_Create(&normext_module);

@@ -31,7 +31,7 @@
 #include <vector>
 
 #include "common.h"
-#include "cpu/huge_pages.h"
+#include "cpu/output_cache.h"
 #include "cpu/kernels.h"
 #include "cpu/vec_utils.h"
 
@@ -633,8 +633,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
   BnShape sh;
   at::Tensor x = bn_layout(input, sh);
   const auto acc = acc_dtype(x.scalar_type());
-  at::Tensor y = advise_huge_pages(sh.channels_last ? at::empty_like(x)
-                                                     : at::empty(x.sizes(), x.options()));
+  at::Tensor y = empty_output(x, sh.channels_last);
   at::Tensor save_mean = at::empty({C}, x.options().dtype(acc));
   at::Tensor save_invstd = at::empty({C}, x.options().dtype(acc));
   at::Tensor batch_var = at::empty({training ? C : 0}, x.options().dtype(acc));
@@ -742,9 +741,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
   BnShape sh;
   at::Tensor x = bn_layout(input, sh);
   at::Tensor dy = like_layout(grad_out, x);
-  at::Tensor dx = mask[0] ? advise_huge_pages(sh.channels_last ? at::empty_like(x)
-                                                               : at::empty(x.sizes(), x.options()))
-                          : at::empty({0}, x.options());
+  at::Tensor dx = mask[0] ? empty_output(x, sh.channels_last) : at::empty({0}, x.options());
   at::Tensor dw = at::empty({mask[1] ? C : 0}, x.options().dtype(acc));
   at::Tensor db = at::empty({mask[2] ? C : 0}, x.options().dtype(acc));
   at::Tensor mean_c = save_mean.contiguous(), invstd_c = save_invstd.contiguous();

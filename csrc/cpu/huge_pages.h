@@ -1,4 +1,4 @@
-// Fresh outputs in transparent huge pages (Linux).
+// Large outputs in transparent huge pages (Linux).
 //
 // A large output tensor is often fresh memory: glibc hands allocations above its mmap threshold
 // (up to 32 MB) straight to mmap, and gives the top of the heap back to the system after a
@@ -8,16 +8,13 @@
 // costs twelve times the write itself (a memset in C, one thread).
 //
 // Where the system leaves transparent huge pages to madvise (/sys/kernel/mm/
-// transparent_hugepage/enabled = madvise, a common default), asking for them on the output's
-// 2 MB-aligned interior maps it 2 MB per trap: the same first write takes 4.2-5.1 ms, and later
-// writes are faster too (0.9 against 1.3 ms; fewer TLB misses). Only whole 2 MB pages inside
-// the tensor are advised, so no memory outside it is touched or committed; pages already mapped
-// are left as they are (khugepaged may merge them later). The advice is a hint: where huge pages
-// are off or unavailable, madvise fails or does nothing and the kernel falls back to 4 KB pages.
-// NORMEXT_HUGE_PAGES=0 turns it off.
+// transparent_hugepage/enabled = madvise, a common default), asking for them maps an output
+// 2 MB per trap: the same first write takes 4.2-5.1 ms, and later writes are faster too (0.9
+// against 1.3 ms; fewer TLB misses). The output cache (output_cache.h) asks for them on its
+// blocks of 4 MB or more, which it allocates 2 MB aligned, and keeps those blocks mapped for the
+// next outputs. The advice is a hint: where huge pages are off or unavailable, madvise fails or
+// does nothing and the kernel falls back to 4 KB pages. NORMEXT_HUGE_PAGES=0 turns it off.
 #pragma once
-
-#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <cstdlib>
@@ -29,10 +26,6 @@
 
 namespace normext::cpu {
 
-// Outputs smaller than this are left alone: they hold at most one whole huge page, and a small
-// allocation is usually recycled from the heap, already mapped.
-constexpr int64_t kHugePageMinBytes = int64_t{4} << 20;
-
 inline bool huge_pages_enabled() {
   static const bool on = [] {
     const char* v = std::getenv("NORMEXT_HUGE_PAGES");
@@ -41,21 +34,20 @@ inline bool huge_pages_enabled() {
   return on;
 }
 
-// Advise huge pages for the whole 2 MB pages inside t's memory; returns t.
-inline at::Tensor advise_huge_pages(at::Tensor t) {
+// Advise huge pages for the whole 2 MB pages inside [p, p + bytes) (output_cache.cpp calls it
+// for its blocks of 4 MB or more, which are 2 MB aligned).
+inline void advise_huge_pages(void* p, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const int64_t bytes = t.numel() * static_cast<int64_t>(t.element_size());
-  if (bytes >= kHugePageMinBytes && huge_pages_enabled()) {
-    constexpr uintptr_t kHuge = uintptr_t{1} << 21;
-    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-    const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t last = (begin + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
-    if (last > first) {
-      (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-    }
-  }
+  if (!huge_pages_enabled()) return;
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  const auto begin = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (begin + bytes) & ~(kHuge - 1);
+  if (last > first) (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
 #endif
-  return t;
 }
 
 }  // namespace normext::cpu

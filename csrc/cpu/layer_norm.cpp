@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "common.h"
-#include "cpu/huge_pages.h"
+#include "cpu/output_cache.h"
 #include "cpu/kernels.h"
 #include "cpu/vec_utils.h"
 
@@ -278,7 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
   const int64_t axis = ln.axis, M = ln.m, N = ln.n;
   const auto acc = acc_dtype(input.scalar_type());
   at::Tensor x = input.contiguous();
-  at::Tensor y = advise_huge_pages(at::empty(x.sizes(), x.options()));
+  at::Tensor y = empty_output(x, false);
   at::Tensor mean = at::empty(x.sizes().slice(0, axis), x.options().dtype(acc));
   at::Tensor rstd = at::empty(x.sizes().slice(0, axis), x.options().dtype(acc));
 
@@ -323,7 +323,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   at::Tensor x = input.contiguous(), dy = grad_out.contiguous();
   at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
   at::Tensor dx =
-      mask[0] ? advise_huge_pages(at::empty(x.sizes(), x.options())) : at::empty({0}, x.options());
+      mask[0] ? empty_output(x, false) : at::empty({0}, x.options());
   auto param_shape = x.sizes().slice(axis);
   at::Tensor dw = mask[1] ? at::empty(param_shape, x.options().dtype(acc)) : at::empty({0}, x.options().dtype(acc));
   at::Tensor db = mask[2] ? at::empty(param_shape, x.options().dtype(acc)) : at::empty({0}, x.options().dtype(acc));
