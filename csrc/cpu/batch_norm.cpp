@@ -495,11 +495,23 @@ std::vector<Moments> channel_moments(const T* x, const BnShape& sh) {
   const int64_t C = sh.c;
   if (!sh.channels_last) {
     const Planar pl(sh);
+    std::vector<Moments> out(C);
+    if (C >= kTasks && pl.segs == 1 && pl.S <= kChunk) {
+      // Short planes channel by channel, as planar_reduce would take them (the same order and
+      // grouping, so the same results), with the lanes kept in registers across planes.
+      // Measured, raw training forward, 2 threads, best of 2 interleaved builds: (32, 512, 7, 7)
+      // fp32 0.27 -> 0.15 ms, bf16 0.22 -> 0.17; (32, 256, 14, 14) fp32 0.23 -> 0.17, bf16
+      // 0.22 -> 0.17. Outputs bitwise the same.
+      at::parallel_for(0, C, serial_grain(C, pl.N * pl.S * C), [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c)
+          out[c] = short_spans_moments(x + c * pl.S, C * pl.S, pl.N, pl.S);
+      });
+      return out;
+    }
     std::vector<MomentsAcc<acc_t<T>>> acc = planar_reduce<MomentsAcc<acc_t<T>>>(
         pl, /*memory_order=*/false, [&](MomentsAcc<acc_t<T>>& a, int64_t u, int64_t) {
           a.add(x + pl.offset(u), pl.length(u));
         });
-    std::vector<Moments> out(C);
     for (int64_t c = 0; c < C; ++c) out[c] = acc[c].result();
     return out;
   }

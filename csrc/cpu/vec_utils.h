@@ -22,6 +22,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -476,6 +477,59 @@ struct MomentsAcc {
     return done;
   }
 };
+
+// The moments of `planes` spans of `len` values each (len <= kChunk), `stride` values apart (a
+// BatchNorm channel's short planes), in MomentsAcc's order and grouping: the first span takes
+// both passes, then the spans go in groups as large as what is merged so far (1, 2, 4, ...),
+// each group summed in one pass around the running mean and merged once. MomentsAcc does the
+// same span by span, but its lanes live in the accumulator between calls (memory, reloaded per
+// span) and each span is a call: for planes of 49 values that bookkeeping cost more than the
+// sums. Here the lanes stay in registers across a group.
+template <typename T>
+inline Moments short_spans_moments(const T* x, int64_t stride, int64_t planes, int64_t len) {
+  using P = VecPair<T>;
+  using A = typename P::A;
+  using V = typename P::V;
+  Moments done;
+  if (planes == 0 || len == 0) return done;
+  done = span_moments(x, len);
+  int64_t p = 1;
+  while (p < planes) {
+    const int64_t g = std::min(p, planes - p);  // g * len <= done.n: running_shift's bound
+    A m;
+    if (!running_shift(done, g * len, m)) {  // a mean that is not finite: span by span
+      for (; p < planes; ++p) done.merge(span_moments(x + p * stride, len));
+      break;
+    }
+    const V vm(m);
+    V d[4] = {V(A(0)), V(A(0)), V(A(0)), V(A(0))}, q[4] = {V(A(0)), V(A(0)), V(A(0)), V(A(0))};
+    A dt = 0, qt = 0;
+    double sd = 0, sdd = 0;
+    int64_t in_vec = 0;
+    auto spill = [&] {
+      sd += static_cast<double>(hsum((d[0] + d[2]) + (d[1] + d[3])) + dt);
+      sdd += static_cast<double>(hsum((q[0] + q[2]) + (q[1] + q[3])) + qt);
+      for (int k = 0; k < 4; ++k) d[k] = q[k] = V(A(0));
+      dt = qt = 0;
+      in_vec = 0;
+    };
+    for (int64_t i = p; i < p + g; ++i) {
+      if (in_vec + len > kChunk) spill();
+      in_vec += len;
+      const T* xi = x + i * stride;
+      int64_t j = pass2_lanes(xi, len, vm, d, q);
+      for (; j < len; ++j) {
+        const A v = static_cast<A>(xi[j]) - m;
+        dt += v;
+        qt += v * v;
+      }
+    }
+    spill();
+    done.merge(moments_from(static_cast<double>(m), sd, sdd, g * len));
+    p += g;
+  }
+  return done;
+}
 
 // y[i] = f(x[i]) over n contiguous values, f given for a vector of acc_t<T> (fv) and for one
 // value (fs). NT: y is written with non-temporal stores (from its first aligned value on).
