@@ -46,6 +46,9 @@ export LD_PRELOAD="$LIBASAN:$LIBSTDCXX${LD_PRELOAD:+:$LD_PRELOAD}"
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:check_initialization_order=1:strict_init_order=1${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1${UBSAN_OPTIONS:+:$UBSAN_OPTIONS}"
 export PYTHONPATH="$OUT/lib${PYTHONPATH:+:$PYTHONPATH}"
+# No CPU output cache (csrc/cpu/output_cache.h): every output block goes back to malloc when its
+# tensor dies, so ASan sees a use after free instead of a quietly reused block.
+export NORMEXT_CPU_CACHE_MB=0
 
 # The run must use the instrumented library, linked against the sanitizer runtimes.
 "$PY" -P - <<'EOF'
