@@ -123,3 +123,22 @@ def test_bad_limit_is_a_clear_error():
     run = _child(LIMIT_SCRIPT, NORMEXT_CPU_CACHE_MB="lots")
     assert run.returncode != 0
     assert "NORMEXT_CPU_CACHE_MB must be a whole number of megabytes" in run.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_uses_its_own_cache():
+    # The child starts with an empty cache (output_cache.cpp's atfork handler) and works.
+    x = torch.randn(BIG)
+    y = _bn(x)
+    del y
+    assert normext.cpu_cache_stats()["cached_bytes"] > 0
+    pid = os.fork()
+    if pid == 0:  # child: report through the exit status only
+        torch.set_num_threads(1)  # GNU OpenMP's pool does not survive a fork
+        ok = normext.cpu_cache_stats()["cached_bytes"] == 0
+        z = _bn(x)
+        ok = ok and torch.allclose(z, F.batch_norm(x, None, None, training=True), atol=1e-5)
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert normext.cpu_cache_stats()["cached_bytes"] > 0  # the parent's blocks stay

@@ -11,7 +11,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <new>
 #include <vector>
+
+#if defined(__unix__)
+#include <pthread.h>
+#endif
 
 #include "cpu/huge_pages.h"
 
@@ -83,7 +88,21 @@ class OutputCache final : public c10::Allocator {
   }
 
   static OutputCache& get() {
-    static OutputCache* cache = new OutputCache;  // never destroyed: tensors may outlive statics
+    static OutputCache* cache = [] {
+      auto* c = new OutputCache;  // never destroyed: tensors may outlive statics
+#if defined(__unix__)
+      // A child forked while another thread held the lock (a DataLoader worker, say) would
+      // wait for it forever: the child starts with a fresh lock and an empty list (the
+      // parent's cached blocks stay with the parent; the child's copies are not reused).
+      pthread_atfork(nullptr, nullptr, [] {
+        OutputCache& c = get();
+        new (&c.mu_) std::mutex;
+        new (&c.free_) std::vector<Block*>;
+        c.cached_ = 0;
+      });
+#endif
+      return c;
+    }();
     return *cache;
   }
 
