@@ -26,6 +26,8 @@
 
 namespace normext::cpu {
 
+constexpr uintptr_t kHugePageBytes = uintptr_t{1} << 21;  // a transparent huge page on x86-64
+
 inline bool huge_pages_enabled() {
   static const bool on = [] {
     const char* v = std::getenv("NORMEXT_HUGE_PAGES");
@@ -39,10 +41,9 @@ inline bool huge_pages_enabled() {
 inline void advise_huge_pages(void* p, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   if (!huge_pages_enabled()) return;
-  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
   const auto begin = reinterpret_cast<uintptr_t>(p);
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t last = (begin + bytes) & ~(kHuge - 1);
+  const uintptr_t first = (begin + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
+  const uintptr_t last = (begin + bytes) & ~(kHugePageBytes - 1);
   if (last > first) (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
 #else
   (void)p;

@@ -25,8 +25,7 @@ namespace {
 
 constexpr size_t kCacheMinBytes = size_t{1} << 20;
 constexpr size_t kDefaultCacheBytes = size_t{256} << 20;
-constexpr size_t kHugeBytes = size_t{2} << 20;
-constexpr size_t kHugeMinBytes = size_t{4} << 20;  // huge_pages.h's kHugePageMinBytes
+constexpr size_t kHugeMinBytes = 2 * kHugePageBytes;  // huge-page aligned and advised from here on
 constexpr size_t kRoundBytes = size_t{64} << 10;
 constexpr size_t kAlign = 64;  // c10's CPU alignment
 
@@ -54,7 +53,7 @@ class OutputCache final : public c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     Block* b = nullptr;
     if (n >= kCacheMinBytes) {
-      const size_t bytes = round_up(n, n >= kHugeMinBytes ? kHugeBytes : kRoundBytes);
+      const size_t bytes = round_up(n, n >= kHugeMinBytes ? kHugePageBytes : kRoundBytes);
       b = take(bytes);
       if (b == nullptr) b = fresh(bytes, true);
     } else {
@@ -123,7 +122,7 @@ class OutputCache final : public c10::Allocator {
   }
 
   static Block* fresh(size_t bytes, bool cacheable) {
-    const size_t align = bytes >= kHugeMinBytes && cacheable ? kHugeBytes : kAlign;
+    const size_t align = bytes >= kHugeMinBytes && cacheable ? kHugePageBytes : kAlign;
     void* p = nullptr;
     if (posix_memalign(&p, align, bytes == 0 ? 1 : bytes) != 0) {
       // Out of memory: give back what the cache holds and try once more.
@@ -131,7 +130,7 @@ class OutputCache final : public c10::Allocator {
       TORCH_CHECK(posix_memalign(&p, align, bytes == 0 ? 1 : bytes) == 0,
                   "normext: out of CPU memory allocating ", bytes, " bytes");
     }
-    if (align == kHugeBytes) advise_huge_pages(p, bytes);
+    if (align == kHugePageBytes) advise_huge_pages(p, bytes);
     return new Block{p, bytes, cacheable};
   }
 
