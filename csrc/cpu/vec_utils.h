@@ -420,6 +420,27 @@ inline Moments span_moments(const T* x, int64_t n) {
   return out;
 }
 
+// Pass 2 over x[0, n) around m into pending sums not yet in double: four vector lanes each of
+// sum(d) and sum(d*d) (pass2_lanes) and the tail's sums dt, qt. pending_spill adds them into
+// double sums and clears them. MomentsAcc and short_spans_moments keep such lanes over at most
+// kChunk values, so no span takes a horizontal sum (which costs as much as a small plane).
+template <typename T, typename V, typename A>
+inline void pending_add(const T* x, int64_t n, A m, V (&d)[4], V (&q)[4], A& dt, A& qt) {
+  int64_t i = pass2_lanes(x, n, V(m), d, q);
+  for (; i < n; ++i) {
+    const A v = static_cast<A>(x[i]) - m;
+    dt += v;
+    qt += v * v;
+  }
+}
+template <typename V, typename A>
+inline void pending_spill(V (&d)[4], V (&q)[4], A& dt, A& qt, double& sd, double& sdd) {
+  sd += static_cast<double>(hsum((d[0] + d[2]) + (d[1] + d[3])) + dt);
+  sdd += static_cast<double>(hsum((q[0] + q[2]) + (q[1] + q[3])) + qt);
+  for (int k = 0; k < 4; ++k) d[k] = q[k] = V(A(0));
+  dt = qt = 0;
+}
+
 // Moments of a group fed span by span in a fixed order (the planes of a BatchNorm channel):
 // pending spans share one pass-2 shift, the group's mean when they began, and their sums simply
 // add; they merge into the group's moments once they would outnumber it. So the running-shift
@@ -440,10 +461,7 @@ struct MomentsAcc {
 
   void spill() {
     if (in_vec == 0) return;
-    sd += static_cast<double>(hsum((d[0] + d[2]) + (d[1] + d[3])) + dt);
-    sdd += static_cast<double>(hsum((q[0] + q[2]) + (q[1] + q[3])) + qt);
-    for (int k = 0; k < 4; ++k) d[k] = q[k] = V(A(0));
-    dt = qt = 0;
+    pending_spill(d, q, dt, qt, sd, sdd);
     in_vec = 0;
   }
   void flush() {
@@ -471,19 +489,13 @@ struct MomentsAcc {
     }
     if (in_vec + n > kChunk) spill();
     in_vec += n;
-    const V vm(shift);
     // The lanes go through locals: summed into the members themselves, they stayed in memory,
     // a store and a load a vector (the compiler cannot keep a member array in registers).
     V dl[4] = {d[0], d[1], d[2], d[3]}, ql[4] = {q[0], q[1], q[2], q[3]};
-    int64_t i = pass2_lanes(x, n, vm, dl, ql);
+    pending_add(x, n, shift, dl, ql, dt, qt);
     for (int k = 0; k < 4; ++k) {
       d[k] = dl[k];
       q[k] = ql[k];
-    }
-    for (; i < n; ++i) {
-      const A v = static_cast<A>(x[i]) - shift;
-      dt += v;
-      qt += v * v;
     }
   }
   void merge(MomentsAcc o) {
@@ -520,30 +532,19 @@ inline Moments short_spans_moments(const T* x, int64_t stride, int64_t planes, i
       for (; p < planes; ++p) done.merge(span_moments(x + p * stride, len));
       break;
     }
-    const V vm(m);
     V d[4] = {V(A(0)), V(A(0)), V(A(0)), V(A(0))}, q[4] = {V(A(0)), V(A(0)), V(A(0)), V(A(0))};
     A dt = 0, qt = 0;
     double sd = 0, sdd = 0;
     int64_t in_vec = 0;
-    auto spill = [&] {
-      sd += static_cast<double>(hsum((d[0] + d[2]) + (d[1] + d[3])) + dt);
-      sdd += static_cast<double>(hsum((q[0] + q[2]) + (q[1] + q[3])) + qt);
-      for (int k = 0; k < 4; ++k) d[k] = q[k] = V(A(0));
-      dt = qt = 0;
-      in_vec = 0;
-    };
     for (int64_t i = p; i < p + g; ++i) {
-      if (in_vec + len > kChunk) spill();
-      in_vec += len;
-      const T* xi = x + i * stride;
-      int64_t j = pass2_lanes(xi, len, vm, d, q);
-      for (; j < len; ++j) {
-        const A v = static_cast<A>(xi[j]) - m;
-        dt += v;
-        qt += v * v;
+      if (in_vec + len > kChunk) {
+        pending_spill(d, q, dt, qt, sd, sdd);
+        in_vec = 0;
       }
+      in_vec += len;
+      pending_add(x + i * stride, len, m, d, q, dt, qt);
     }
-    spill();
+    pending_spill(d, q, dt, qt, sd, sdd);
     done.merge(moments_from(static_cast<double>(m), sd, sdd, g * len));
     p += g;
   }
