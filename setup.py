@@ -47,15 +47,10 @@ def _want_cuda():
     return found
 
 
-# The AVX-512 code generation flags: the whole build's with NORMEXT_CPU_ISA=avx512, else added for
-# csrc/cpu/avx512/*.cpp alone (see csrc/cpu/avx512/isa.h for why not a pragma).
-# Where the build machine has AVX512_BF16 too, -mavx512bf16 joins them, and the AVX-512 copy
-# rounds float to bfloat16 in one instruction (bf16_pack in csrc/cpu/vec_utils.h; dispatch.cpp
-# then runs that copy only on CPUs that have it).
-AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
-
-
 def _build_machine_flags():
+    """The build machine's CPU flags (/proc/cpuinfo), on x86-64."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return set()
     try:
         with open("/proc/cpuinfo") as f:
             return set(f.read().split())
@@ -63,13 +58,23 @@ def _build_machine_flags():
         return set()
 
 
+_ISA = os.environ.get("NORMEXT_CPU_ISA", "auto").lower()
+_BUILD_MACHINE = _build_machine_flags()
+# The AVX-512 code generation flags: the whole build's with NORMEXT_CPU_ISA=avx512, else added for
+# csrc/cpu/avx512/*.cpp alone (see csrc/cpu/avx512/isa.h for why not a pragma).
+# Where the build machine has AVX512_BF16 too, -mavx512bf16 joins them, and the AVX-512 copy
+# rounds float to bfloat16 in one instruction (bf16_pack in csrc/cpu/vec_utils.h; dispatch.cpp
+# then runs that copy only on CPUs that have it).
+_AVX512_BF16 = "avx512_bf16" in _BUILD_MACHINE and _ISA in ("auto", "avx512")
+AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"] + (
+    ["-mavx512bf16"] if _AVX512_BF16 else []
+)
+
+
 def _cpu_flags():
-    isa = os.environ.get("NORMEXT_CPU_ISA", "auto").lower()
     if platform.machine() not in ("x86_64", "AMD64"):
         return []
-    flags = _build_machine_flags()
-    if "avx512_bf16" in flags and isa in ("auto", "avx512"):
-        AVX512_FLAGS.append("-mavx512bf16")
+    isa, flags = _ISA, _BUILD_MACHINE
     dual = False
     if isa == "auto":
         isa = "avx2" if {"avx2", "fma", "f16c"} <= flags else "default"
@@ -78,7 +83,7 @@ def _cpu_flags():
         avx2 = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
         if not dual:
             return avx2
-        bf16 = ["-DNORMEXT_CPU_AVX512_BF16"] if "-mavx512bf16" in AVX512_FLAGS else []
+        bf16 = ["-DNORMEXT_CPU_AVX512_BF16"] if _AVX512_BF16 else []
         return avx2 + ["-DNORMEXT_CPU_AVX512"] + bf16
     if isa == "avx512":
         return AVX512_FLAGS + ["-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
