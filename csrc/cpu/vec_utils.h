@@ -201,23 +201,22 @@ struct ParamValues {
 // The sum of a vector's lanes, pairwise (halves added until one lane is left): a fixed order
 // for each ISA, so results stay deterministic. The short planar passes take one or two per
 // plane; summed lane by lane through memory, that was a chain of 16 dependent adds per sum.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+inline float hsum_halves(__m256 x) {
+  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  const __m128 d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
+}
+#endif
 template <typename A>
 inline A hsum(const at::vec::Vectorized<A>& v) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<A, float>) {
     const __m512 x = v;
-    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1));
-    const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    const __m128 d = _mm_add_ps(q, _mm_movehl_ps(q, q));
-    return _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
+    return hsum_halves(_mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1)));
   }
 #elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<A, float>) {
-    const __m256 x = v;
-    const __m128 q = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-    const __m128 d = _mm_add_ps(q, _mm_movehl_ps(q, q));
-    return _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
-  }
+  if constexpr (std::is_same_v<A, float>) return hsum_halves(v);
 #endif
   A buf[at::vec::Vectorized<A>::size()];
   v.store(buf);
