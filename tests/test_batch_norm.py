@@ -668,6 +668,44 @@ def test_output_accuracy_across_offsets(layout, training):
         assert (err <= 32 * torch.finfo(torch.float32).eps).all(), (offsets, err)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(3, 8, 37), (2, 16, 7, 7), (2, 24, 5, 5), (4, 40)])
+def test_bfloat16_rounding_exact(shape, channels_last):
+    """bfloat16 outputs are the float results rounded to nearest, ties to even, bit for bit as
+    torch rounds them (with NaN as NaN, overflow to Inf, denormals kept). The CPU kernels round
+    with their own vector code (csrc/cpu/vec_utils.h: bf16_round_lanes on AVX2, bf16_pack on
+    AVX-512). Eval mode with mean 0, var 1 and eps 0 makes invstd exactly 1, so y = x * weight
+    in float (plus the zero shift), and dx = dy * weight: weights of 1 + k * 2**-9 put many products on ties."""
+    if channels_last and len(shape) != 4:
+        pytest.skip("channels_last needs 4-d")
+    g = torch.Generator().manual_seed(11)
+    c = shape[1]
+    x = (torch.randn(shape, generator=g) * 4).bfloat16()
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.3895e38, -3.3895e38,
+                            1e-38, -2e-39, 0.0, -0.0, 1.0, 2.0, 0.5])
+    flat = x.view(-1)
+    flat[: min(flat.numel(), 12)] = special[: min(flat.numel(), 12)].bfloat16()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    steps = torch.tensor([1, 3, -1, 5, 7, -3, 255, 2])
+    w = 1 + steps[torch.arange(c) % len(steps)].float() * 2.0**-9
+    w[c // 2 :] = torch.rand(c - c // 2, generator=g) * 3 - 1.5  # arbitrary float weights
+    view = (1, c) + (1,) * (x.dim() - 2)
+    rm, rv = torch.zeros(c), torch.ones(c)
+
+    def bits(t):  # NaN as one pattern: NaN payloads differ between torch's own conversions
+        t = t.contiguous()
+        return torch.where(t.isnan(), torch.full_like(t, float("nan")), t).view(torch.int16)
+
+    xr = x.detach().clone().requires_grad_()
+    y = NF.batch_norm(xr, rm, rv, w, torch.zeros(c), training=False, eps=0.0)
+    # + 0: the forward adds the (zero) shift, which turns -0 into +0 as torch's does
+    assert torch.equal(bits(y), bits((x.float() * w.view(view) + 0).bfloat16()))
+    dy = (torch.randn(shape, generator=g) * 4).bfloat16()
+    (dx,) = torch.autograd.grad(y, xr, dy)
+    assert torch.equal(bits(dx), bits((dy.float() * w.view(view)).bfloat16()))
+
+
 @pytest.mark.parametrize(
     "op, shape", [("batch_norm", (8, 16, 12, 12)), ("batch_norm", (64, 40)), ("layer_norm", (64, 96))]
 )

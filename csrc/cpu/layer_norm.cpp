@@ -81,6 +81,7 @@ inline void row_moments(const T* x, int64_t n, double eps, double& mean, double&
 // lo = -(the mean's rounding error) * rstd corrects for the mean being rounded to acc_t (large
 // offsets); or, given beta (a row within kFoldOffset), the folded xhat = x * rstd + beta.
 // NT: y is written with non-temporal stores (y must then be kStreamAlign-aligned; see ln_stream).
+// w and b are in lane order (to_lane_order in vec_utils.h).
 template <typename T, bool NT = false>
 inline void row_forward(const T* x, T* y, int64_t n, acc_t<T> mean, acc_t<T> rstd, acc_t<T> lo,
                         const acc_t<T>* beta, const acc_t<T>* w, const acc_t<T>* b) {
@@ -100,10 +101,10 @@ inline void row_forward(const T* x, T* y, int64_t n, acc_t<T> mean, acc_t<T> rst
   auto vectors = [&](auto xhat) {
     for (; j + P::kStep <= n; j += P::kStep) {
       V a, c;
-      P::load(x + j, a, c);
+      P::load_lanes(x + j, a, c);
       const V w0 = w ? V::loadu(w + j) : one, w1 = w ? V::loadu(w + j + h) : one;
       const V b0 = b ? V::loadu(b + j) : zero, b1 = b ? V::loadu(b + j + h) : zero;
-      P::template put<NT>(y + j, at::vec::fmadd(xhat(a), w0, b0), at::vec::fmadd(xhat(c), w1, b1));
+      P::template put_lanes<NT>(y + j, at::vec::fmadd(xhat(a), w0, b0), at::vec::fmadd(xhat(c), w1, b1));
     }
   };
   if (beta) {
@@ -134,7 +135,7 @@ inline acc_t<T> row_shift(const T* x, int64_t n, acc_t<T> mean, acc_t<T> rstd) {
   int64_t j = 0;
   for (; j + P::kStep <= n; j += P::kStep) {
     V x0, x1;
-    P::load(x + j, x0, x1);
+    P::load_lanes(x + j, x0, x1);
     s0 += x0 - vm;
     s1 += x1 - vm;
   }
@@ -147,7 +148,8 @@ inline acc_t<T> row_shift(const T* x, int64_t n, acc_t<T> mean, acc_t<T> rstd) {
 // stores them instead, so the sums need no zeroing beforehand). NT: dx is written with
 // non-temporal stores (dx must then be kStreamAlign-aligned).
 // Two passes over the row (it stays in L1): the sums of g, g * (x - mean) * rstd and x - mean
-// (for lo, see row_shift), then dx and the column sums together.
+// (for lo, see row_shift), then dx and the column sums together. w and the column sums are in
+// lane order (to_lane_order in vec_utils.h).
 template <typename T, bool NT = false>
 inline void row_backward(const T* dy, const T* x, T* dx, int64_t n, acc_t<T> mean, acc_t<T> rstd,
                          const acc_t<T>* w, acc_t<T>* dw_sum, acc_t<T>* db_sum,
@@ -163,8 +165,8 @@ inline void row_backward(const T* dy, const T* x, T* dx, int64_t n, acc_t<T> mea
     int64_t j = 0;
     for (; j + P::kStep <= n; j += P::kStep) {
       V g0, g1, x0, x1;
-      P::load(dy + j, g0, g1);
-      P::load(x + j, x0, x1);
+      P::load_lanes(dy + j, g0, g1);
+      P::load_lanes(x + j, x0, x1);
       if (w) {
         g0 = g0 * V::loadu(w + j);
         g1 = g1 * V::loadu(w + j + h);
@@ -196,8 +198,8 @@ inline void row_backward(const T* dy, const T* x, T* dx, int64_t n, acc_t<T> mea
   int64_t j = 0;
   for (; j + P::kStep <= n; j += P::kStep) {
     V d0, d1, x0, x1;
-    P::load(dy + j, d0, d1);
-    P::load(x + j, x0, x1);
+    P::load_lanes(dy + j, d0, d1);
+    P::load_lanes(x + j, x0, x1);
     const V xh0 = at::vec::fmadd(x0 - vm, vr, vlo), xh1 = at::vec::fmadd(x1 - vm, vr, vlo);
     if (dx != nullptr) {
       V g0 = d0, g1 = d1;
@@ -205,7 +207,7 @@ inline void row_backward(const T* dy, const T* x, T* dx, int64_t n, acc_t<T> mea
         g0 = g0 * V::loadu(w + j);
         g1 = g1 * V::loadu(w + j + h);
       }
-      P::template put<NT>(dx + j, vr * (g0 - vc1 - xh0 * vc2), vr * (g1 - vc1 - xh1 * vc2));
+      P::template put_lanes<NT>(dx + j, vr * (g0 - vc1 - xh0 * vc2), vr * (g1 - vc1 - xh1 * vc2));
     }
     if (dw_sum != nullptr) {
       const V z(A(0));
@@ -289,8 +291,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
     A* mp = mean.mutable_data_ptr<A>();
     A* rp = rstd.mutable_data_ptr<A>();
     const ParamValues<A> wv(weight), bv(bias);
-    const A* wp = wv.ptr;
-    const A* bp = bv.ptr;
+    std::vector<A> wl, bl;
+    const A* wp = to_lane_order<scalar_t>(wv.ptr, N, wl);
+    const A* bp = to_lane_order<scalar_t>(bv.ptr, N, bl);
     with_stream(ln_stream(M, N, 2, sizeof(scalar_t), yp), [&](auto nt) {
       at::parallel_for(0, M, std::max<int64_t>(1, 8192 / std::max<int64_t>(N, 1)),
                        [&](int64_t r0, int64_t r1) {
@@ -336,7 +339,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
     const A* mp = mean_c.const_data_ptr<A>();
     const A* rp = rstd_c.const_data_ptr<A>();
     const ParamValues<A> wv(weight);
-    const A* wp = wv.ptr;
+    std::vector<A> wl;
+    const A* wp = to_lane_order<scalar_t>(wv.ptr, N, wl);
     const bool sums = mask[1] || mask[2];
     // At most kBlocks row blocks, and no more than one per kBlockValues values: a (64, 768)
     // backward with a block per row built 393 KB of partials, fresh pages from the kernel on
@@ -389,6 +393,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
       // Each column adds its blocks' partials in block order, in double; a tile of columns at
       // a time, so the loads run along the partials' rows (contiguous), not down a column.
       constexpr int64_t kTile = 256;
+      static_assert(kTile % VecPair<scalar_t>::kStep == 0);
       const int64_t tiles = (N + kTile - 1) / kTile;
       at::parallel_for(0, tiles, serial_grain(tiles, blocks * N), [&](int64_t t0, int64_t t1) {
         double sw[kTile], sb[kTile];
@@ -404,9 +409,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
             if (dbp)
               for (int64_t j = 0; j < n; ++j) sb[j] += pb[j];
           }
+          // the partials are in lane order (row_backward); kTile is a multiple of kStep, so a
+          // tile holds whole lane blocks
           for (int64_t j = 0; j < n; ++j) {
-            if (dwp) dwp[j0 + j] = static_cast<A>(sw[j]);
-            if (dbp) dbp[j0 + j] = static_cast<A>(sb[j]);
+            const int64_t l = VecPair<scalar_t>::lane_pos(j0 + j, N) - j0;
+            if (dwp) dwp[j0 + j] = static_cast<A>(sw[l]);
+            if (dbp) dbp[j0 + j] = static_cast<A>(sb[l]);
           }
         }
       });

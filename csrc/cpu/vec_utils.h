@@ -58,7 +58,63 @@ inline __m512i bf16_pack(const __m512& a, const __m512& b) {
 }
 #endif
 
+#if defined(CPU_CAPABILITY_AVX2)
+#define NORMEXT_BF16_LANES 1
+// bfloat16 on AVX2 in lane order (VecPair::load_lanes): 16 values as their even-indexed values
+// (one vector) and odd-indexed ones (the other). Widening is then one shift or one mask of the
+// 32-bit words that hold two values each, and rounding back ends in one 16-bit blend, where
+// at::vec's natural order takes a widening load per 8 values and a pack and a lane permute per 16.
+// Measured, one thread, a bfloat16 y = x * s + b over 100k values in L2: at::vec's order 16.0 us,
+// lane order 10.4 us (truncating instead of rounding: 6.1 us; memcpy: 4.2 us).
+__attribute__((always_inline)) inline void bf16_load_lanes(const c10::BFloat16* p, __m256& even,
+                                                           __m256& odd) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int32_t(0xffff0000u))));
+}
+// The 16 values back in natural order, each rounded to bfloat16 to nearest, ties to even (as
+// c10::BFloat16 rounds), in 16-bit lanes: hi = the top halves (the truncated values), lo = the
+// bottom halves; round up where lo > 0x8000, or lo == 0x8000 and hi is odd, i.e. where
+// lo + (hi & 1) > 0x8000 (as signed 16-bit: (lo ^ 0x8000) + (hi & 1) > 0, saturating, so that
+// lo = 0xffff with hi odd still counts). Up is hi + 1 (the carry runs into the exponent as it
+// should). Finite values only: a NaN may carry into the sign; bf16_pack_lanes checks.
+__attribute__((always_inline)) inline __m256i bf16_round_lanes(const __m256& even,
+                                                               const __m256& odd) {
+  const __m256i e = _mm256_castps_si256(even), o = _mm256_castps_si256(odd);
+  const __m256i hi = _mm256_blend_epi16(_mm256_srli_epi32(e, 16), o, 0xAA);
+  const __m256i lo = _mm256_blend_epi16(e, _mm256_slli_epi32(o, 16), 0xAA);
+  const __m256i s = _mm256_adds_epi16(_mm256_xor_si256(lo, _mm256_set1_epi16(int16_t(0x8000))),
+                                      _mm256_and_si256(hi, _mm256_set1_epi16(1)));
+  return _mm256_sub_epi16(hi, _mm256_cmpgt_epi16(s, _mm256_setzero_si256()));
+}
+// A pair holding a NaN takes c10::BFloat16's conversion value by value (as the scalar tails do).
+__attribute__((noinline, cold)) inline __m256i bf16_pack_nan(const __m256& even,
+                                                             const __m256& odd) {
+  alignas(32) float e[8], o[8];
+  alignas(32) c10::BFloat16 out[16];
+  _mm256_store_ps(e, even);
+  _mm256_store_ps(o, odd);
+  for (int k = 0; k < 8; ++k) {
+    out[2 * k] = static_cast<c10::BFloat16>(e[k]);
+    out[2 * k + 1] = static_cast<c10::BFloat16>(o[k]);
+  }
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(out));
+}
+__attribute__((always_inline)) inline __m256i bf16_pack_lanes(const __m256& even,
+                                                              const __m256& odd) {
+  if (__builtin_expect(_mm256_movemask_ps(_mm256_cmp_ps(even, odd, _CMP_UNORD_Q)) != 0, 0))
+    return bf16_pack_nan(even, odd);
+  return bf16_round_lanes(even, odd);
+}
+#endif
+
 // Load/store `kStep` consecutive T values as two vectors of acc_t<T>.
+//
+// load/store keep the values in order (the first V::size() in the first vector). load_lanes and
+// store_lanes (and put_lanes) place them in the ISA's lane order, the same for all three: the
+// natural order except bfloat16 on AVX2 (bf16_load_lanes above). For code whose vectors meet
+// only broadcast constants, or sums that do not care which lane holds which value; arrays of
+// acc_t per position (LayerNorm's weight) must be in that order too (to_lane_order).
 template <typename T>
 struct VecPair {
   using A = acc_t<T>;
@@ -125,7 +181,59 @@ struct VecPair {
     else
       store(p, a, b);
   }
+
+#if defined(NORMEXT_BF16_LANES)
+  static constexpr bool kLanesPermuted = std::is_same_v<T, c10::BFloat16>;
+#else
+  static constexpr bool kLanesPermuted = false;
+#endif
+  __attribute__((always_inline)) static inline void load_lanes(const T* p, V& a, V& b) {
+#if defined(NORMEXT_BF16_LANES)
+    if constexpr (kLanesPermuted) {
+      __m256 e, o;
+      bf16_load_lanes(p, e, o);
+      a = e;
+      b = o;
+      return;
+    }
+#endif
+    load(p, a, b);
+  }
+  template <bool NT>
+  __attribute__((always_inline)) static inline void put_lanes(T* p, const V& a, const V& b) {
+#if defined(NORMEXT_BF16_LANES)
+    if constexpr (kLanesPermuted) {
+      const __m256i r = bf16_pack_lanes(a, b);
+      if constexpr (NT)
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(p), r);
+      else
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), r);
+      return;
+    }
+#endif
+    put<NT>(p, a, b);
+  }
+  static inline void store_lanes(T* p, const V& a, const V& b) { put_lanes<false>(p, a, b); }
+  // Where natural position j (of a span of n values that starts a lane block) sits in lane order:
+  // within each whole kStep block, even positions first, then odd; the tail (n % kStep values,
+  // which the loops take one by one) in place.
+  static inline int64_t lane_pos(int64_t j, int64_t n) {
+    if constexpr (!kLanesPermuted) return j;
+    const int64_t r = j % kStep, base = j - r;
+    if (base + kStep > n) return j;
+    return base + (r % 2) * (kStep / 2) + r / 2;
+  }
 };
+
+// v[0, n) (one value per position of a span) copied into lane order: out[lane_pos(j)] = v[j].
+// Returns v itself where the order is the natural one (or v is null).
+template <typename T, typename A>
+inline const A* to_lane_order(const A* v, int64_t n, std::vector<A>& out) {
+  if (!VecPair<T>::kLanesPermuted || v == nullptr) return v;
+  out.resize(n);
+  for (int64_t j = 0; j < n; ++j) out[VecPair<T>::lane_pos(j, n)] = v[j];
+  return out.data();
+}
 
 // ---- non-temporal output ----------------------------------------------------------------------
 //
@@ -309,8 +417,8 @@ inline acc_t<T> span_shift(const T* x, int64_t n) {
   int64_t i = 0;
   for (; i + 2 * P::kStep <= n; i += 2 * P::kStep) {
     V a, b, c, d;
-    P::load(x + i, a, b);
-    P::load(x + i + P::kStep, c, d);
+    P::load_lanes(x + i, a, b);
+    P::load_lanes(x + i + P::kStep, c, d);
     s0 += a - v0;
     s1 += b - v0;
     s2 += c - v0;
@@ -318,7 +426,7 @@ inline acc_t<T> span_shift(const T* x, int64_t n) {
   }
   for (; i + P::kStep <= n; i += P::kStep) {
     V a, b;
-    P::load(x + i, a, b);
+    P::load_lanes(x + i, a, b);
     s0 += a - v0;
     s1 += b - v0;
   }
@@ -337,8 +445,8 @@ inline int64_t pass2_lanes(const T* x, int64_t n, const V& vm, V (&d)[4], V (&q)
   int64_t i = 0;
   for (; i + 2 * P::kStep <= n; i += 2 * P::kStep) {
     V a, b, c, e;
-    P::load(x + i, a, b);
-    P::load(x + i + P::kStep, c, e);
+    P::load_lanes(x + i, a, b);
+    P::load_lanes(x + i + P::kStep, c, e);
     a = a - vm;
     b = b - vm;
     c = c - vm;
@@ -354,7 +462,7 @@ inline int64_t pass2_lanes(const T* x, int64_t n, const V& vm, V (&d)[4], V (&q)
   }
   for (; i + P::kStep <= n; i += P::kStep) {
     V a, b;
-    P::load(x + i, a, b);
+    P::load_lanes(x + i, a, b);
     a = a - vm;
     b = b - vm;
     d[0] += a;
@@ -563,8 +671,8 @@ inline void span_map(const T* x, T* y, int64_t n, const FV& fv, const FS& fs) {
     for (; i < n && !stream_aligned(y + i); ++i) one(i);
   for (; i + P::kStep <= n; i += P::kStep) {
     V a, b;
-    P::load(x + i, a, b);
-    P::template put<NT>(y + i, fv(a), fv(b));
+    P::load_lanes(x + i, a, b);
+    P::template put_lanes<NT>(y + i, fv(a), fv(b));
   }
   for (; i < n; ++i) one(i);
 }
@@ -609,8 +717,8 @@ inline Sum2 span_grad_sums(const T* dy, const T* x, int64_t n, acc_t<T> mean) {
     int64_t i = c0;
     for (; i + P::kStep <= c1; i += P::kStep) {
       V ga, gb, a, b;
-      P::load(dy + i, ga, gb);
-      P::load(x + i, a, b);
+      P::load_lanes(dy + i, ga, gb);
+      P::load_lanes(x + i, a, b);
       g0 += ga;
       g1 += gb;
       p0 = at::vec::fmadd(ga, a - vm, p0);
@@ -648,15 +756,15 @@ inline void span_dx(const T* dy, const T* x, T* dx, int64_t n, acc_t<T> a, acc_t
   if (x == nullptr) {
     for (; i + P::kStep <= n; i += P::kStep) {
       V g0, g1;
-      P::load(dy + i, g0, g1);
-      P::template put<NT>(dx + i, g0 * va, g1 * va);
+      P::load_lanes(dy + i, g0, g1);
+      P::template put_lanes<NT>(dx + i, g0 * va, g1 * va);
     }
   } else {
     for (; i + P::kStep <= n; i += P::kStep) {
       V g0, g1, x0, x1;
-      P::load(dy + i, g0, g1);
-      P::load(x + i, x0, x1);
-      P::template put<NT>(dx + i, at::vec::fmadd(g0, va, at::vec::fmadd(x0 - vm, vb, vk)),
+      P::load_lanes(dy + i, g0, g1);
+      P::load_lanes(x + i, x0, x1);
+      P::template put_lanes<NT>(dx + i, at::vec::fmadd(g0, va, at::vec::fmadd(x0 - vm, vb, vk)),
                           at::vec::fmadd(g1, va, at::vec::fmadd(x1 - vm, vb, vk)));
     }
   }
