@@ -96,6 +96,21 @@ struct RowGrid {
   int64_t task_rows(int64_t t) const {
     return std::min(R, first_block(t + 1) * rb) - std::min(R, first_block(t) * rb);
   }
+  // Where column c sits when each group's per-column arrays are in lane order (VecPair's
+  // load_lanes, relative to the group's first column): the Block loops keep them so.
+  template <typename T>
+  int64_t lane_col(int64_t c) const {
+    const int64_t g = c / width, c0 = col0(g);
+    return c0 + VecPair<T>::lane_pos(c - c0, col1(g) - c0);
+  }
+  // v[0, C) per column, copied into each group's lane order (v itself where that is natural).
+  template <typename T, typename A>
+  const A* to_lanes(const A* v, std::vector<A>& out) const {
+    if (!VecPair<T>::kLanesPermuted) return v;
+    out.resize(C);
+    for (int64_t c = 0; c < C; ++c) out[lane_col<T>(c)] = v[c];
+    return out.data();
+  }
 };
 
 // Per-column moments of a set of column groups that share one count n: the channels-last
@@ -162,6 +177,8 @@ struct ColMoments {
 // Row-major loops over a block of rows of one column group, vectorized over the columns; the
 // per-column accumulators live in small arrays (L1) while the rows stream past in memory order.
 // `p` points at the block's first row, `ld` is the row stride (C), `w` the group's width.
+// Every per-column array here (shifts, sums, moments, means) is in the group's lane order
+// (RowGrid::lane_col): the rows are read with load_lanes.
 template <typename T>
 struct Block {
   using P = VecPair<T>;
@@ -177,7 +194,7 @@ struct Block {
     const int64_t wv = w - w % kStep;
     for (int64_t j = 0; j < wv; j += kStep) {
       V a, b;
-      P::load(p + j, a, b);
+      P::load_lanes(p + j, a, b);
       a.store(m + j);
       b.store(m + j + h);
     }
@@ -187,7 +204,7 @@ struct Block {
       const T* row = p + r * ld;
       for (int64_t j = 0; j < wv; j += kStep) {
         V a, b;
-        P::load(row + j, a, b);
+        P::load_lanes(row + j, a, b);
         (V::loadu(s + j) + (a - V::loadu(m + j))).store(s + j);
         (V::loadu(s + j + h) + (b - V::loadu(m + j + h))).store(s + j + h);
       }
@@ -201,7 +218,7 @@ struct Block {
     }
     if (!finite)
       for (int64_t j = 0; j < w; ++j)
-        if (!std::isfinite(m[j])) m[j] = plain_mean(p + j, n, ld);
+        if (!std::isfinite(m[j])) m[j] = plain_mean(p + P::lane_src(j, w), n, ld);
   }
 
   // Pass 2: the moments of the n rows of columns [0, w) from the sums of d = x - m and d^2 (the
@@ -222,8 +239,8 @@ struct Block {
         V a, b, a2, b2;
         __builtin_prefetch(row + kAhead * ld + j);
         __builtin_prefetch(row + (kAhead + 1) * ld + j);
-        P::load(row + j, a, b);
-        P::load(row + ld + j, a2, b2);
+        P::load_lanes(row + j, a, b);
+        P::load_lanes(row + ld + j, a2, b2);
         const V m0 = V::loadu(m + j), m1 = V::loadu(m + j + h);
         const V da = a - m0, db = b - m1, da2 = a2 - m0, db2 = b2 - m1;
         (V::loadu(s + j) + (da + da2)).store(s + j);
@@ -241,7 +258,7 @@ struct Block {
       const T* row = p + r * ld;
       for (int64_t j = 0; j < wv; j += kStep) {
         V a, b;
-        P::load(row + j, a, b);
+        P::load_lanes(row + j, a, b);
         const V da = a - V::loadu(m + j), db = b - V::loadu(m + j + h);
         (V::loadu(s + j) + da).store(s + j);
         (V::loadu(s + j + h) + db).store(s + j + h);
@@ -283,8 +300,8 @@ struct Block {
       const T* xrow = x + r * ld;
       for (int64_t j = 0; j < wv; j += kStep) {
         V g0, g1, x0, x1;
-        P::load(grow + j, g0, g1);
-        P::load(xrow + j, x0, x1);
+        P::load_lanes(grow + j, g0, g1);
+        P::load_lanes(xrow + j, x0, x1);
         (V::loadu(a + j) + g0).store(a + j);
         (V::loadu(a + j + h) + g1).store(a + j + h);
         at::vec::fmadd(g0, x0 - V::loadu(mean + j), V::loadu(b + j)).store(b + j);
@@ -303,7 +320,8 @@ struct Block {
   }
 };
 
-// Row helpers, vectorized over the channels. A row holds C consecutive values.
+// Row helpers, vectorized over the channels. A row holds C consecutive values; the per-channel
+// arrays are in lane order over the row (to_lane_order in vec_utils.h).
 template <typename T>
 struct Rows {
   using P = VecPair<T>;
@@ -322,17 +340,17 @@ struct Rows {
       V r0(A(0)), r1(A(0));
       if (x != nullptr) {
         V x0, x1;
-        P::load(x + j, x0, x1);
+        P::load_lanes(x + j, x0, x1);
         r0 = at::vec::fmadd(x0 - V::loadu(m + j), V::loadu(b + j), V::loadu(k + j));
         r1 = at::vec::fmadd(x1 - V::loadu(m + j + h), V::loadu(b + j + h), V::loadu(k + j + h));
       }
       if (g != nullptr) {
         V g0, g1;
-        P::load(g + j, g0, g1);
+        P::load_lanes(g + j, g0, g1);
         r0 = at::vec::fmadd(g0, V::loadu(a + j), r0);
         r1 = at::vec::fmadd(g1, V::loadu(a + j + h), r1);
       }
-      P::template put<NT>(out + j, r0, r1);
+      P::template put_lanes<NT>(out + j, r0, r1);
     }
     for (; j < C; ++j) {
       A r = 0;
@@ -353,8 +371,8 @@ struct Rows {
     int64_t j = 0;
     for (; j + P::kStep <= C; j += P::kStep) {
       V x0, x1;
-      P::load(x + j, x0, x1);
-      P::template put<NT>(out + j, at::vec::fmadd(x0, V::loadu(alpha + j), V::loadu(beta + j)),
+      P::load_lanes(x + j, x0, x1);
+      P::template put_lanes<NT>(out + j, at::vec::fmadd(x0, V::loadu(alpha + j), V::loadu(beta + j)),
                           at::vec::fmadd(x1, V::loadu(alpha + j + h), V::loadu(beta + j + h)));
     }
     for (; j < C; ++j) out[j] = static_cast<T>(static_cast<A>(x[j]) * alpha[j] + beta[j]);
@@ -545,7 +563,10 @@ std::vector<Moments> channel_moments(const T* x, const BnShape& sh) {
   for (int64_t t = 0; t < T_; ++t)
     all.merge(C, static_cast<double>(gr.task_rows(t)), pmean.data() + t * C, pm2.data() + t * C);
   std::vector<Moments> out(C);
-  for (int64_t c = 0; c < C; ++c) out[c] = Moments{all.n, mean[c], m2[c]};
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t l = gr.lane_col<T>(c);
+    out[c] = Moments{all.n, mean[l], m2[l]};
+  }
   return out;
 }
 
@@ -570,6 +591,8 @@ void channel_grad_sums(const T* dy, const T* x, const BnShape& sh, const acc_t<T
     return;
   }
   const RowGrid gr(sh, sizeof(T));
+  std::vector<acc_t<T>> mean_lanes;
+  mean = gr.to_lanes<T>(mean, mean_lanes);
   std::vector<double> part(gr.tasks * 2 * C, 0.0);
   at::parallel_for(0, gr.units(), serial_grain(gr.units(), gr.R * C), [&](int64_t u0, int64_t u1) {
     std::vector<acc_t<T>> scratch(2 * gr.width);
@@ -587,8 +610,9 @@ void channel_grad_sums(const T* dy, const T* x, const BnShape& sh, const acc_t<T
   });
   for (int64_t t = 0; t < gr.tasks; ++t)
     for (int64_t c = 0; c < C; ++c) {
-      s1[c] += part[t * 2 * C + c];
-      s2[c] += part[t * 2 * C + C + c];
+      const int64_t l = gr.lane_col<T>(c);
+      s1[c] += part[t * 2 * C + l];
+      s2[c] += part[t * 2 * C + C + l];
     }
 }
 
@@ -623,6 +647,11 @@ void channel_apply(const T* g, const T* x, T* out, const BnShape& sh, const acc_
       stream_fence();
     });
   } else {
+    std::vector<acc_t<T>> la, lb, lm, lk;
+    a = to_lane_order<T>(a, C, la);
+    b = to_lane_order<T>(b, C, lb);
+    m = to_lane_order<T>(m, C, lm);
+    k = to_lane_order<T>(k, C, lk);
     for_rows(sh.n * sh.s, C, [&](int64_t r) {
       Rows<T>::template apply<NT>(g == nullptr ? nullptr : g + r * C,
                                   x == nullptr ? nullptr : x + r * C, out + r * C, C, a, b, m, k);
@@ -726,17 +755,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
     const bool fold = std::all_of(folded.begin(), folded.end(), [](char f) { return f != 0; });
     with_stream(bn_stream(sh, 2, sizeof(scalar_t), yp), [&](auto nt) {
       constexpr bool NT = decltype(nt)::value;
-      if (fold && !sh.channels_last)
+      if (fold && !sh.channels_last) {
         channel_apply<scalar_t, NT>(nullptr, xp, yp, sh, nullptr, scale.data(), nullptr,
                                     beta.data());
-      else if (fold)
+      } else if (fold) {
+        std::vector<A> ls, lb;
+        const A* sc = to_lane_order<scalar_t>(scale.data(), C, ls);
+        const A* be = to_lane_order<scalar_t>(beta.data(), C, lb);
         for_rows(sh.n * sh.s, C, [&](int64_t r) {
-          Rows<scalar_t>::template scale_shift<NT>(xp + r * C, yp + r * C, C, scale.data(),
-                                                   beta.data());
+          Rows<scalar_t>::template scale_shift<NT>(xp + r * C, yp + r * C, C, sc, be);
         });
-      else
+      } else {
         channel_apply<scalar_t, NT>(nullptr, xp, yp, sh, nullptr, scale.data(), m.data(),
                                     shift.data());
+      }
     });
   });
   return {y, save_mean, save_invstd, batch_var};

@@ -223,6 +223,13 @@ struct VecPair {
     if (base + kStep > n) return j;
     return base + (r % 2) * (kStep / 2) + r / 2;
   }
+  // The natural position held at lane-order position l (lane_pos's inverse).
+  static inline int64_t lane_src(int64_t l, int64_t n) {
+    if constexpr (!kLanesPermuted) return l;
+    const int64_t r = l % kStep, base = l - r;
+    if (base + kStep > n) return l;
+    return base + (r < kStep / 2 ? 2 * r : 2 * (r - kStep / 2) + 1);
+  }
 };
 
 // v[0, n) (one value per position of a span) copied into lane order: out[lane_pos(j)] = v[j].
