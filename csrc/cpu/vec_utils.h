@@ -88,8 +88,9 @@ __attribute__((always_inline)) inline __m256i bf16_round_lanes(const __m256& eve
   return _mm256_sub_epi16(hi, _mm256_cmpgt_epi16(s, _mm256_setzero_si256()));
 }
 // A pair holding a NaN takes c10::BFloat16's conversion value by value (as the scalar tails do).
-__attribute__((noinline, cold)) inline __m256i bf16_pack_nan(const __m256& even,
-                                                             const __m256& odd) {
+// (The vectors go by value, in registers: by reference, the hot loop stored both to the stack
+// every step, in case of the call.)
+__attribute__((noinline, cold)) inline __m256i bf16_pack_nan(__m256 even, __m256 odd) {
   alignas(32) float e[8], o[8];
   alignas(32) c10::BFloat16 out[16];
   _mm256_store_ps(e, even);
