@@ -390,6 +390,27 @@ inline void for_rows(int64_t R, int64_t C, const F& f) {
   });
 }
 
+// out[c] = 1 / sqrt(var[c] + eps) in double, a vector at a time: the same IEEE square roots and
+// divisions as the scalar formula, so the same results, at about a quarter of the cost (for
+// (2, 8192) inputs these, one per channel, were most of the op).
+inline void inv_std(const double* var, double eps, double* out, int64_t C) {
+  using Vd = at::vec::Vectorized<double>;
+  const Vd ve(eps), one(1.0);
+  int64_t c = 0;
+  for (; c + Vd::size() <= C; c += Vd::size()) (one / (Vd::loadu(var + c) + ve).sqrt()).store(out + c);
+  for (; c < C; ++c) out[c] = 1.0 / std::sqrt(var[c] + eps);
+}
+
+// f(c) for each of C channels: the per-channel constants of the ops (a square root and a
+// division in double each), across threads where there are many channels. Measured, serial:
+// an eval forward of (2, 8192) float32 took 95-137 us, nearly all of it this loop.
+template <typename F>
+inline void for_channels(int64_t C, const F& f) {
+  at::parallel_for(0, C, 2048, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) f(c);
+  });
+}
+
 // Whether an elementwise pass over layout `sh` writes its output with non-temporal stores
 // (stream_output in vec_utils.h): `arrays` arrays of the input's size are touched (x and y; x,
 // dy and dx), and the runs written are planes (planar) or, channels-last, the whole output when
@@ -695,8 +716,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
     // channels-last row (Rows::scale_shift). The fused NCHW path decides per channel, the others
     // for all channels at once.
     // Channel c's outputs and the constants of y = (x - m) * scale + shift, from its statistics.
-    auto set_channel = [&](int64_t c, double mean, double var) {
-      const double invstd = 1.0 / std::sqrt(var + eps);
+    auto set_channel = [&](int64_t c, double mean, double var, double invstd) {
       const double sc = wp ? wp[c] * invstd : invstd;
       sm[c] = m[c] = static_cast<A>(mean);
       si[c] = static_cast<A>(invstd);
@@ -725,7 +745,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
             acc.add(xp + pl.offset(u), pl.length(u));
           });
           const Moments mo = acc.result();
-          set_channel(c, mo.mean, mo.var());
+          set_channel(c, mo.mean, mo.var(), 1.0 / std::sqrt(mo.var() + eps));
           int64_t pre = c + 1 < c1 ? ahead : 0;
           for_channel_units(pl, c, [&](int64_t u) {
             const int64_t off = pl.offset(u);
@@ -744,12 +764,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
       });
       return;
     }
+    std::vector<double> invstd(C);
     if (training) {
       const std::vector<Moments> mo = channel_moments(xp, sh);
-      for (int64_t c = 0; c < C; ++c) set_channel(c, mo[c].mean, mo[c].var());
+      std::vector<double> var(C);
+      for (int64_t c = 0; c < C; ++c) var[c] = mo[c].var();
+      inv_std(var.data(), eps, invstd.data(), C);
+      for_channels(C, [&](int64_t c) { set_channel(c, mo[c].mean, var[c], invstd[c]); });
     } else {
       const ParamValues<double> rm(running_mean), rv(running_var);
-      for (int64_t c = 0; c < C; ++c) set_channel(c, rm.ptr[c], rv.ptr[c]);
+      inv_std(rv.ptr, eps, invstd.data(), C);
+      for_channels(C, [&](int64_t c) { set_channel(c, rm.ptr[c], rv.ptr[c], invstd[c]); });
     }
     if (x.numel() == 0) return;
     const bool fold = std::all_of(folded.begin(), folded.end(), [](char f) { return f != 0; });
@@ -858,7 +883,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
     }
     std::vector<double> s1(C, 0.0), s2(C, 0.0);
     if (need_sums && x.numel() > 0) channel_grad_sums(gp, xp, sh, mean, s1, s2);
-    for (int64_t c = 0; c < C; ++c) set_channel(c, s1[c], s2[c]);
+    for_channels(C, [&](int64_t c) { set_channel(c, s1[c], s2[c]); });
     if (!mask[0] || x.numel() == 0) return;
     with_stream(bn_stream(sh, training ? 3 : 2, sizeof(scalar_t), dxp), [&](auto nt) {
       channel_apply<scalar_t, decltype(nt)::value>(
