@@ -372,8 +372,9 @@ struct Rows {
     for (; j + P::kStep <= C; j += P::kStep) {
       V x0, x1;
       P::load_lanes(x + j, x0, x1);
-      P::template put_lanes<NT>(out + j, at::vec::fmadd(x0, V::loadu(alpha + j), V::loadu(beta + j)),
-                          at::vec::fmadd(x1, V::loadu(alpha + j + h), V::loadu(beta + j + h)));
+      const V y0 = at::vec::fmadd(x0, V::loadu(alpha + j), V::loadu(beta + j));
+      const V y1 = at::vec::fmadd(x1, V::loadu(alpha + j + h), V::loadu(beta + j + h));
+      P::template put_lanes<NT>(out + j, y0, y1);
     }
     for (; j < C; ++j) out[j] = static_cast<T>(static_cast<A>(x[j]) * alpha[j] + beta[j]);
   }
@@ -397,7 +398,8 @@ inline void inv_std(const double* var, double eps, double* out, int64_t C) {
   using Vd = at::vec::Vectorized<double>;
   const Vd ve(eps), one(1.0);
   int64_t c = 0;
-  for (; c + Vd::size() <= C; c += Vd::size()) (one / (Vd::loadu(var + c) + ve).sqrt()).store(out + c);
+  for (; c + Vd::size() <= C; c += Vd::size())
+    (one / (Vd::loadu(var + c) + ve).sqrt()).store(out + c);
   for (; c < C; ++c) out[c] = 1.0 / std::sqrt(var[c] + eps);
 }
 

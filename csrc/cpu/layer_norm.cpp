@@ -104,7 +104,8 @@ inline void row_forward(const T* x, T* y, int64_t n, acc_t<T> mean, acc_t<T> rst
       P::load_lanes(x + j, a, c);
       const V w0 = w ? V::loadu(w + j) : one, w1 = w ? V::loadu(w + j + h) : one;
       const V b0 = b ? V::loadu(b + j) : zero, b1 = b ? V::loadu(b + j + h) : zero;
-      P::template put_lanes<NT>(y + j, at::vec::fmadd(xhat(a), w0, b0), at::vec::fmadd(xhat(c), w1, b1));
+      P::template put_lanes<NT>(y + j, at::vec::fmadd(xhat(a), w0, b0),
+                                at::vec::fmadd(xhat(c), w1, b1));
     }
   };
   if (beta) {

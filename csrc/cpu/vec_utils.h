@@ -41,6 +41,11 @@ inline namespace CPU_CAPABILITY {
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
+// Forced inlining, for the helpers of hot loops and the per-span functions called once per
+// plane: as code was added around them, GCC left some out of line (a call per vector or per
+// plane, through the PLT, with the vectors passed through the stack; see the README).
+#define NORMEXT_INLINE __attribute__((always_inline)) inline
+
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
 #define NORMEXT_BF16_PACK 1
 // 32 floats rounded to bfloat16 (to nearest, ties to even, as c10::BFloat16 rounds) in one
@@ -66,8 +71,7 @@ inline __m512i bf16_pack(const __m512& a, const __m512& b) {
 // at::vec's natural order takes a widening load per 8 values and a pack and a lane permute per 16.
 // Measured, one thread, a bfloat16 y = x * s + b over 100k values in L2: at::vec's order 16.0 us,
 // lane order 10.4 us (truncating instead of rounding: 6.1 us; memcpy: 4.2 us).
-__attribute__((always_inline)) inline void bf16_load_lanes(const c10::BFloat16* p, __m256& even,
-                                                           __m256& odd) {
+NORMEXT_INLINE void bf16_load_lanes(const c10::BFloat16* p, __m256& even, __m256& odd) {
   const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
   odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int32_t(0xffff0000u))));
@@ -78,8 +82,7 @@ __attribute__((always_inline)) inline void bf16_load_lanes(const c10::BFloat16* 
 // lo + (hi & 1) > 0x8000 (as signed 16-bit: (lo ^ 0x8000) + (hi & 1) > 0, saturating, so that
 // lo = 0xffff with hi odd still counts). Up is hi + 1 (the carry runs into the exponent as it
 // should). Finite values only: a NaN may carry into the sign; bf16_pack_lanes checks.
-__attribute__((always_inline)) inline __m256i bf16_round_lanes(const __m256& even,
-                                                               const __m256& odd) {
+NORMEXT_INLINE __m256i bf16_round_lanes(const __m256& even, const __m256& odd) {
   const __m256i e = _mm256_castps_si256(even), o = _mm256_castps_si256(odd);
   const __m256i hi = _mm256_blend_epi16(_mm256_srli_epi32(e, 16), o, 0xAA);
   const __m256i lo = _mm256_blend_epi16(e, _mm256_slli_epi32(o, 16), 0xAA);
@@ -101,8 +104,7 @@ __attribute__((noinline, cold)) inline __m256i bf16_pack_nan(__m256 even, __m256
   }
   return _mm256_load_si256(reinterpret_cast<const __m256i*>(out));
 }
-__attribute__((always_inline)) inline __m256i bf16_pack_lanes(const __m256& even,
-                                                              const __m256& odd) {
+NORMEXT_INLINE __m256i bf16_pack_lanes(const __m256& even, const __m256& odd) {
   if (__builtin_expect(_mm256_movemask_ps(_mm256_cmp_ps(even, odd, _CMP_UNORD_Q)) != 0, 0))
     return bf16_pack_nan(even, odd);
   return bf16_round_lanes(even, odd);
@@ -188,7 +190,7 @@ struct VecPair {
 #else
   static constexpr bool kLanesPermuted = false;
 #endif
-  __attribute__((always_inline)) static inline void load_lanes(const T* p, V& a, V& b) {
+  NORMEXT_INLINE static void load_lanes(const T* p, V& a, V& b) {
 #if defined(NORMEXT_BF16_LANES)
     if constexpr (kLanesPermuted) {
       __m256 e, o;
@@ -201,7 +203,7 @@ struct VecPair {
     load(p, a, b);
   }
   template <bool NT>
-  __attribute__((always_inline)) static inline void put_lanes(T* p, const V& a, const V& b) {
+  NORMEXT_INLINE static void put_lanes(T* p, const V& a, const V& b) {
 #if defined(NORMEXT_BF16_LANES)
     if constexpr (kLanesPermuted) {
       const __m256i r = bf16_pack_lanes(a, b);
@@ -494,7 +496,7 @@ inline acc_t<T> span_shift(const T* x, int64_t n) {
 // where n >= kStep (tail_mask). Returns where the vectors stopped; the caller adds what is left
 // (all of a span shorter than kStep).
 template <typename T, typename V>
-__attribute__((always_inline)) inline int64_t pass2_lanes(const T* x, int64_t n, const V& vm, V (&d)[4], V (&q)[4]) {
+NORMEXT_INLINE int64_t pass2_lanes(const T* x, int64_t n, const V& vm, V (&d)[4], V (&q)[4]) {
   using P = VecPair<T>;
   int64_t i = 0;
   for (; i + 2 * P::kStep <= n; i += 2 * P::kStep) {
@@ -598,7 +600,7 @@ inline Moments span_moments(const T* x, int64_t n) {
 // double sums and clears them. MomentsAcc and short_spans_moments keep such lanes over at most
 // kChunk values, so no span takes a horizontal sum (which costs as much as a small plane).
 template <typename T, typename V, typename A>
-__attribute__((always_inline)) inline void pending_add(const T* x, int64_t n, A m, V (&d)[4], V (&q)[4], A& dt, A& qt) {
+NORMEXT_INLINE void pending_add(const T* x, int64_t n, A m, V (&d)[4], V (&q)[4], A& dt, A& qt) {
   int64_t i = pass2_lanes(x, n, V(m), d, q);
   for (; i < n; ++i) {
     const A v = static_cast<A>(x[i]) - m;
@@ -727,7 +729,7 @@ inline Moments short_spans_moments(const T* x, int64_t stride, int64_t planes, i
 // y[i] = f(x[i]) over n contiguous values, f given for a vector of acc_t<T> (fv) and for one
 // value (fs). NT: y is written with non-temporal stores (from its first aligned value on).
 template <typename T, bool NT, typename FV, typename FS>
-__attribute__((always_inline)) inline void span_map(const T* x, T* y, int64_t n, const FV& fv, const FS& fs) {
+NORMEXT_INLINE void span_map(const T* x, T* y, int64_t n, const FV& fv, const FS& fs) {
   using P = VecPair<T>;
   using A = typename P::A;
   using V = typename P::V;
@@ -740,7 +742,8 @@ __attribute__((always_inline)) inline void span_map(const T* x, T* y, int64_t n,
     P::load_lanes(x + i, a, b);
     P::template put_lanes<NT>(y + i, fv(a), fv(b));
   }
-  if (!NT && n - i >= kVecTail && n >= P::kStep) {  // the tail as a whole step, overlapping (tail_mask)
+  // the tail as one more whole step, overlapping the last (see tail_mask)
+  if (!NT && n - i >= kVecTail && n >= P::kStep) {
     V a, b;
     P::load_lanes(x + n - P::kStep, a, b);
     P::template put_lanes<false>(y + n - P::kStep, fv(a), fv(b));
@@ -752,8 +755,8 @@ __attribute__((always_inline)) inline void span_map(const T* x, T* y, int64_t n,
 // y[i] = (x[i] - mean) * scale + shift over n contiguous values. Subtracting the mean first
 // keeps large offsets (mean 1e4, std 1e-2) exact where x * scale - mean * scale would cancel.
 template <typename T, bool NT = false>
-__attribute__((always_inline)) inline void span_affine(const T* x, T* y, int64_t n, acc_t<T> mean, acc_t<T> scale,
-                        acc_t<T> shift) {
+NORMEXT_INLINE void span_affine(const T* x, T* y, int64_t n, acc_t<T> mean, acc_t<T> scale,
+                                acc_t<T> shift) {
   using V = typename VecPair<T>::V;
   const V vm(mean), vs(scale), vb(shift);
   span_map<T, NT>(
@@ -766,7 +769,7 @@ __attribute__((always_inline)) inline void span_affine(const T* x, T* y, int64_t
 // layer_norm.cpp), where beta = shift - mean * scale loses nothing. One operation a vector less:
 // measured, bfloat16 (32, 512, 7, 7) and (32, 256, 14, 14) forward 5-10% faster, float32 as much.
 template <typename T, bool NT = false>
-__attribute__((always_inline)) inline void span_scale_shift(const T* x, T* y, int64_t n, acc_t<T> scale, acc_t<T> beta) {
+NORMEXT_INLINE void span_scale_shift(const T* x, T* y, int64_t n, acc_t<T> scale, acc_t<T> beta) {
   using V = typename VecPair<T>::V;
   const V vs(scale), vb(beta);
   span_map<T, NT>(
@@ -777,7 +780,7 @@ __attribute__((always_inline)) inline void span_scale_shift(const T* x, T* y, in
 // Sums of dy and dy * (x - mean) over n contiguous values (the two per-group sums that the
 // backward needs), chunked into double like pass 2.
 template <typename T>
-__attribute__((always_inline)) inline Sum2 span_grad_sums(const T* dy, const T* x, int64_t n, acc_t<T> mean) {
+NORMEXT_INLINE Sum2 span_grad_sums(const T* dy, const T* x, int64_t n, acc_t<T> mean) {
   using P = VecPair<T>;
   using A = typename P::A;
   using V = typename P::V;
@@ -796,7 +799,8 @@ __attribute__((always_inline)) inline Sum2 span_grad_sums(const T* dy, const T* 
       p0 = at::vec::fmadd(ga, a - vm, p0);
       p1 = at::vec::fmadd(gb, b - vm, p1);
     }
-    if (c1 - i >= kVecTail && c1 - c0 >= P::kStep) {  // the tail as a masked whole step (see tail_mask)
+    // the tail as a masked whole step (see tail_mask)
+    if (c1 - i >= kVecTail && c1 - c0 >= P::kStep) {
       const A* mk = static_cast<const A*>(tail_mask<T>(c1 - i));
       const V ma = V::loadu(mk), mb = V::loadu(mk + V::size());
       V ga, gb, a, b;
@@ -826,8 +830,8 @@ __attribute__((always_inline)) inline Sum2 span_grad_sums(const T* dy, const T* 
 // per-channel constants of the backward formula). With x == nullptr, dx = a * dy.
 // NT: dx is written with non-temporal stores (from its first aligned value on).
 template <typename T, bool NT = false>
-__attribute__((always_inline)) inline void span_dx(const T* dy, const T* x, T* dx, int64_t n, acc_t<T> a, acc_t<T> b,
-                    acc_t<T> mean, acc_t<T> k) {
+NORMEXT_INLINE void span_dx(const T* dy, const T* x, T* dx, int64_t n, acc_t<T> a, acc_t<T> b,
+                            acc_t<T> mean, acc_t<T> k) {
   using P = VecPair<T>;
   using A = typename P::A;
   using V = typename P::V;
@@ -851,10 +855,11 @@ __attribute__((always_inline)) inline void span_dx(const T* dy, const T* x, T* d
       P::load_lanes(dy + i, g0, g1);
       P::load_lanes(x + i, x0, x1);
       P::template put_lanes<NT>(dx + i, at::vec::fmadd(g0, va, at::vec::fmadd(x0 - vm, vb, vk)),
-                          at::vec::fmadd(g1, va, at::vec::fmadd(x1 - vm, vb, vk)));
+                                at::vec::fmadd(g1, va, at::vec::fmadd(x1 - vm, vb, vk)));
     }
   }
-  if (!NT && n - i >= kVecTail && n >= P::kStep) {  // the tail as a whole step, overlapping (tail_mask)
+  // the tail as one more whole step, overlapping the last (see tail_mask)
+  if (!NT && n - i >= kVecTail && n >= P::kStep) {
     const int64_t j = n - P::kStep;
     V g0, g1;
     P::load_lanes(dy + j, g0, g1);
