@@ -631,12 +631,13 @@ void channel_grad_sums(const T* dy, const T* x, const BnShape& sh, const acc_t<T
       }
     }
   });
-  for (int64_t t = 0; t < gr.tasks; ++t)
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t l = gr.lane_col<T>(c);
+  for (int64_t c = 0; c < C; ++c) {  // each channel adds its tasks' sums in task order
+    const int64_t l = gr.lane_col<T>(c);
+    for (int64_t t = 0; t < gr.tasks; ++t) {
       s1[c] += part[t * 2 * C + l];
       s2[c] += part[t * 2 * C + C + l];
     }
+  }
 }
 
 // out = a[c] * g + b[c] * (x - m[c]) + k[c] elementwise, with g or x possibly absent (see Rows);

@@ -114,8 +114,8 @@ NORMEXT_INLINE __m256i bf16_pack_lanes(const __m256& even, const __m256& odd) {
 // Load/store `kStep` consecutive T values as two vectors of acc_t<T>.
 //
 // load/store keep the values in order (the first V::size() in the first vector). load_lanes and
-// store_lanes (and put_lanes) place them in the ISA's lane order, the same for all three: the
-// natural order except bfloat16 on AVX2 (bf16_load_lanes above). For code whose vectors meet
+// put_lanes place them in the ISA's lane order, the same for both: the natural order except
+// bfloat16 on AVX2 (bf16_load_lanes above). For code whose vectors meet
 // only broadcast constants, or sums that do not care which lane holds which value; arrays of
 // acc_t per position (LayerNorm's weight) must be in that order too (to_lane_order).
 template <typename T>
@@ -216,11 +216,10 @@ struct VecPair {
 #endif
     put<NT>(p, a, b);
   }
-  static inline void store_lanes(T* p, const V& a, const V& b) { put_lanes<false>(p, a, b); }
   // Where natural position j (of a span of n values that starts a lane block) sits in lane order:
   // within each whole kStep block, even positions first, then odd; the tail (n % kStep values,
   // which the loops take one by one) in place.
-  static inline int64_t lane_pos(int64_t j, int64_t n) {
+  static constexpr int64_t lane_pos(int64_t j, int64_t n) {
     if constexpr (!kLanesPermuted) return j;
     const int64_t r = j % kStep, base = j - r;
     if (base + kStep > n) return j;
