@@ -105,11 +105,12 @@ struct RowGrid {
   }
   // v[0, C) per column, copied into each group's lane order (v itself where that is natural).
   template <typename T, typename A>
-  const A* to_lanes(const A* v, std::vector<A>& out) const {
+  const A* to_lanes(const A* v, Scratch<A>& out) const {
     if (!VecPair<T>::kLanesPermuted) return v;
-    out.resize(C);
-    for (int64_t c = 0; c < C; ++c) out[lane_col<T>(c)] = v[c];
-    return out.data();
+    A* o = scratch(out, C);
+    for (int64_t g = 0; g * width < C; ++g)
+      lane_order_into<T>(v + col0(g), col1(g) - col0(g), o + col0(g));
+    return o;
   }
 };
 
@@ -403,15 +404,136 @@ inline void inv_std(const double* var, double eps, double* out, int64_t C) {
   for (; c < C; ++c) out[c] = 1.0 / std::sqrt(var[c] + eps);
 }
 
-// f(c) for each of C channels: the per-channel constants of the ops (a square root and a
-// division in double each), across threads where there are many channels. Measured, serial:
-// an eval forward of (2, 8192) float32 took 95-137 us, nearly all of it this loop.
+// f(c0, c1) over channel ranges: the per-channel constants of the ops (a square root and a
+// division in double each, and several outputs per channel), across threads only where there are
+// very many channels. Measured, (2, 8192) float32 eval forward: the per-channel loop across
+// threads took 95-137 us serially as a lambda per channel; vectorized (fwd_constants) it takes
+// a few us, less than waking a thread.
 template <typename F>
-inline void for_channels(int64_t C, const F& f) {
-  at::parallel_for(0, C, 2048, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) f(c);
-  });
+inline void for_channel_ranges(int64_t C, const F& f) {
+  at::parallel_for(0, C, 32768, f);
 }
+
+// The forward's per-channel values for channels [c0, c1), from each channel's mean, biased
+// variance (training) and invstd, in double: the saved statistics (sm, si, and sv in training)
+// and the constants of y = (x - m) * scale + shift (m is the mean rounded to A; the rounding
+// error (mean - m) is folded into the shift so large offsets lose nothing) and of the folded
+// y = x * scale + beta; folded[c]: whether channel c's mean is within kFoldOffset standard
+// deviations of 0 (see kFoldOffset). Which of w, b and sv are given is a template argument:
+// with a branch on each in the loop body the compiler did not vectorize it. Measured, (2, 8192)
+// float32 eval forward: a lambda per channel (across threads, 2048 channels a task) 95-137 us;
+// this, in one thread, 51 us (torch 43-51 us).
+template <typename A>
+struct FwdConstants {
+  const A* w;  // null: weight 1
+  const A* b;  // null: bias 0
+  A *sm, *si, *sv;  // sv null in eval
+  A *m, *scale, *shift, *beta;
+  char* folded;
+  void operator()(int64_t c0, int64_t c1, const double* mean, const double* var,
+                  const double* invstd) const {
+    with_flags(w != nullptr, b != nullptr, sv != nullptr, [&](auto W, auto B, auto V) {
+      loop<decltype(W)::value, decltype(B)::value, decltype(V)::value>(
+          c0, c1, mean, var, invstd, w, b, sm, si, sv, m, scale, shift, beta, folded);
+    });
+  }
+  // One channel's values, from its mean, variance and invstd.
+  void operator()(int64_t c, double mean, double var, double invstd) const {
+    with_flags(w != nullptr, b != nullptr, sv != nullptr, [&](auto W, auto B, auto V) {
+      set<decltype(W)::value, decltype(B)::value, decltype(V)::value>(
+          c, mean, var, invstd, w, b, sm, si, sv, m, scale, shift, beta, folded);
+    });
+  }
+
+ private:
+  // The loop in a function of its own whose pointers are all __restrict: that is what lets the
+  // compiler vectorize it. (Not on set's parameters: GCC 12 then gave up on the loop, "no vectype"
+  // for the loads.)
+  template <bool W, bool B, bool V>
+  static void loop(int64_t c0, int64_t c1, const double* __restrict mean,
+                   const double* __restrict var, const double* __restrict invstd,
+                   const A* __restrict wp, const A* __restrict bp, A* __restrict smp,
+                   A* __restrict sip, A* __restrict svp, A* __restrict mp, A* __restrict scp,
+                   A* __restrict shp, A* __restrict bep, char* __restrict fp) {
+    for (int64_t c = c0; c < c1; ++c)
+      set<W, B, V>(c, mean[c], V ? var[c] : 0.0, invstd[c], wp, bp, smp, sip, svp, mp, scp, shp,
+                   bep, fp);
+  }
+  template <bool W, bool B, bool V>
+  NORMEXT_INLINE static void set(int64_t c, double mu, double var, double r,
+                                 const A* wp, const A* bp,
+                                 A* smp, A* sip, A* svp,
+                                 A* mp, A* scp, A* shp,
+                                 A* bep, char* fp) {
+    double sc = r, bc = 0.0;
+    if constexpr (W) sc = wp[c] * r;
+    if constexpr (B) bc = bp[c];
+    const A mc = static_cast<A>(mu), scc = static_cast<A>(sc);
+    smp[c] = mc;
+    mp[c] = mc;
+    sip[c] = static_cast<A>(r);
+    if constexpr (V) svp[c] = static_cast<A>(var);
+    scp[c] = scc;
+    shp[c] = static_cast<A>(bc - (mu - static_cast<double>(mc)) * sc);
+    fp[c] = std::fabs(mu) * r <= kFoldOffset;
+    bep[c] = static_cast<A>(bc - mu * static_cast<double>(scc));
+  }
+};
+
+// The backward's per-channel values for channels [c0, c1), from the sums S1 = sum(dy) and
+// S2 = sum(dy * (x - mean)) over n values (double): the weight and bias grads (dw, db; null
+// where not asked) and the constants of dx = a * dy + b * (x - mean) + k (b and k in training
+// only). Template flags as in FwdConstants.
+template <typename A>
+struct BwdConstants {
+  const A* w;  // null: weight 1
+  const A* invstd;
+  int64_t n;
+  bool training;
+  A *dw, *db, *a, *b, *k;
+  void operator()(int64_t c0, int64_t c1, const double* s1, const double* s2) const {
+    with_flags(w != nullptr, dw != nullptr, db != nullptr, training, [&](auto W, auto DW, auto DB,
+                                                                       auto T) {
+      loop<decltype(W)::value, decltype(DW)::value, decltype(DB)::value, decltype(T)::value>(
+          c0, c1, s1, s2, w, invstd, n, dw, db, a, b, k);
+    });
+  }
+  // One channel's values, from its sums.
+  void operator()(int64_t c, double s1, double s2) const {
+    with_flags(w != nullptr, dw != nullptr, db != nullptr, training, [&](auto W, auto DW, auto DB,
+                                                                       auto T) {
+      set<decltype(W)::value, decltype(DW)::value, decltype(DB)::value, decltype(T)::value>(
+          c, s1, s2, w, invstd, n, dw, db, a, b, k);
+    });
+  }
+
+ private:
+  template <bool W, bool DW, bool DB, bool T>  // see FwdConstants::loop
+  static void loop(int64_t c0, int64_t c1, const double* __restrict s1,
+                   const double* __restrict s2, const A* __restrict wp, const A* __restrict rp,
+                   int64_t n, A* __restrict dwp, A* __restrict dbp, A* __restrict ap,
+                   A* __restrict bp, A* __restrict kp) {
+    for (int64_t c = c0; c < c1; ++c)
+      set<W, DW, DB, T>(c, s1[c], s2[c], wp, rp, n, dwp, dbp, ap, bp, kp);
+  }
+  template <bool W, bool DW, bool DB, bool T>
+  NORMEXT_INLINE static void set(int64_t c, double s1, double s2, const A* wp,
+                                 const A* rp, int64_t n, A* dwp,
+                                 A* dbp, A* ap, A* bp,
+                                 A* kp) {
+    const double r = rp[c];
+    // an empty batch sums nothing: 0, even where invstd is Inf (eps = 0)
+    if constexpr (DW) dwp[c] = n > 0 ? static_cast<A>(s2 * r) : A(0);
+    if constexpr (DB) dbp[c] = static_cast<A>(s1);
+    double gr = r;
+    if constexpr (W) gr = wp[c] * r;
+    ap[c] = static_cast<A>(gr);
+    if constexpr (T) {
+      bp[c] = n > 0 ? static_cast<A>(-gr * r * r * s2 / n) : A(0);
+      kp[c] = n > 0 ? static_cast<A>(-gr * s1 / n) : A(0);
+    }
+  }
+};
 
 // Whether an elementwise pass over layout `sh` writes its output with non-temporal stores
 // (stream_output in vec_utils.h): `arrays` arrays of the input's size are touched (x and y; x,
@@ -614,7 +736,7 @@ void channel_grad_sums(const T* dy, const T* x, const BnShape& sh, const acc_t<T
     return;
   }
   const RowGrid gr(sh, sizeof(T));
-  std::vector<acc_t<T>> mean_lanes;
+  Scratch<acc_t<T>> mean_lanes;
   mean = gr.to_lanes<T>(mean, mean_lanes);
   std::vector<double> part(gr.tasks * 2 * C, 0.0);
   at::parallel_for(0, gr.units(), serial_grain(gr.units(), gr.R * C), [&](int64_t u0, int64_t u1) {
@@ -671,7 +793,7 @@ void channel_apply(const T* g, const T* x, T* out, const BnShape& sh, const acc_
       stream_fence();
     });
   } else {
-    std::vector<acc_t<T>> la, lb, lm, lk;
+    Scratch<acc_t<T>> la, lb, lm, lk;
     a = to_lane_order<T>(a, C, la);
     b = to_lane_order<T>(b, C, lb);
     m = to_lane_order<T>(m, C, lm);
@@ -712,26 +834,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
     A* sm = save_mean.mutable_data_ptr<A>();
     A* si = save_invstd.mutable_data_ptr<A>();
     A* sv = training ? batch_var.mutable_data_ptr<A>() : nullptr;
-    std::vector<A> m(C), scale(C), shift(C), beta(C);
-    std::vector<char> folded(C);
-    // Whether each channel's mean is within kFoldOffset standard deviations of 0: the output
-    // then takes the folded y = x * scale + beta, per plane (span_scale_shift) or per
+    Scratch<A> m_buf, scale_buf, shift_buf, beta_buf;
+    Scratch<char> folded_buf;
+    A* m = scratch(m_buf, C);
+    A* scale = scratch(scale_buf, C);
+    A* shift = scratch(shift_buf, C);
+    A* beta = scratch(beta_buf, C);
+    char* folded = scratch(folded_buf, C);
+    // Channel c's outputs and the constants of its y (FwdConstants). The folded
+    // y = x * scale + beta is used where folded[c]: per plane (span_scale_shift) or per
     // channels-last row (Rows::scale_shift). The fused NCHW path decides per channel, the others
     // for all channels at once.
-    // Channel c's outputs and the constants of y = (x - m) * scale + shift, from its statistics.
-    auto set_channel = [&](int64_t c, double mean, double var, double invstd) {
-      const double sc = wp ? wp[c] * invstd : invstd;
-      sm[c] = m[c] = static_cast<A>(mean);
-      si[c] = static_cast<A>(invstd);
-      if (sv) sv[c] = static_cast<A>(var);
-      scale[c] = static_cast<A>(sc);
-      // m is the mean rounded to A; the rounding error (mean - m) is folded into the shift so
-      // large offsets lose nothing.
-      const double bias_c = bp ? bp[c] : 0.0;
-      shift[c] = static_cast<A>(bias_c - (mean - static_cast<double>(m[c])) * sc);
-      folded[c] = std::fabs(mean) * invstd <= kFoldOffset;
-      beta[c] = static_cast<A>(bias_c - mean * static_cast<double>(scale[c]));
-    };
+    const FwdConstants<A> set_channels{wp, bp, sm, si, sv, m, scale, shift, beta, folded};
     if (training && fused_planar(sh, sizeof(scalar_t), sizeof(scalar_t))) {
       // Each channel's statistics, then its output, while the channel is in L2: x is read from
       // memory once. The statistics merge in planar_reduce's order, so the results are the same.
@@ -748,7 +862,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
             acc.add(xp + pl.offset(u), pl.length(u));
           });
           const Moments mo = acc.result();
-          set_channel(c, mo.mean, mo.var(), 1.0 / std::sqrt(mo.var() + eps));
+          const double mean = mo.mean, var = mo.var(), invstd = 1.0 / std::sqrt(var + eps);
+          set_channels(c, mean, var, invstd);
           int64_t pre = c + 1 < c1 ? ahead : 0;
           for_channel_units(pl, c, [&](int64_t u) {
             const int64_t off = pl.offset(u);
@@ -767,35 +882,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
       });
       return;
     }
-    std::vector<double> invstd(C);
+    Scratch<double> invstd_buf, mean_buf, var_buf;
+    double* invstd = scratch(invstd_buf, C);
+    const double* mean;
+    const double* var;
+    const ParamValues<double> rm(training ? c10::nullopt : running_mean),
+        rv(training ? c10::nullopt : running_var);
     if (training) {
       const std::vector<Moments> mo = channel_moments(xp, sh);
-      std::vector<double> var(C);
-      for (int64_t c = 0; c < C; ++c) var[c] = mo[c].var();
-      inv_std(var.data(), eps, invstd.data(), C);
-      for_channels(C, [&](int64_t c) { set_channel(c, mo[c].mean, var[c], invstd[c]); });
+      double* mean_w = scratch(mean_buf, C);
+      double* var_w = scratch(var_buf, C);
+      for (int64_t c = 0; c < C; ++c) {
+        mean_w[c] = mo[c].mean;
+        var_w[c] = mo[c].var();
+      }
+      mean = mean_w;
+      var = var_w;
     } else {
-      const ParamValues<double> rm(running_mean), rv(running_var);
-      inv_std(rv.ptr, eps, invstd.data(), C);
-      for_channels(C, [&](int64_t c) { set_channel(c, rm.ptr[c], rv.ptr[c], invstd[c]); });
+      mean = rm.ptr;
+      var = rv.ptr;
     }
+    inv_std(var, eps, invstd, C);
+    for_channel_ranges(C, [&](int64_t c0, int64_t c1) { set_channels(c0, c1, mean, var, invstd); });
     if (x.numel() == 0) return;
-    const bool fold = std::all_of(folded.begin(), folded.end(), [](char f) { return f != 0; });
+    const bool fold = std::all_of(folded, folded + C, [](char f) { return f != 0; });
     with_stream(bn_stream(sh, 2, sizeof(scalar_t), yp), [&](auto nt) {
       constexpr bool NT = decltype(nt)::value;
       if (fold && !sh.channels_last) {
-        channel_apply<scalar_t, NT>(nullptr, xp, yp, sh, nullptr, scale.data(), nullptr,
-                                    beta.data());
+        channel_apply<scalar_t, NT>(nullptr, xp, yp, sh, nullptr, scale, nullptr, beta);
       } else if (fold) {
-        std::vector<A> ls, lb;
-        const A* sc = to_lane_order<scalar_t>(scale.data(), C, ls);
-        const A* be = to_lane_order<scalar_t>(beta.data(), C, lb);
+        Scratch<A> ls, lb;
+        const A* sc = to_lane_order<scalar_t>(scale, C, ls);
+        const A* be = to_lane_order<scalar_t>(beta, C, lb);
         for_rows(sh.n * sh.s, C, [&](int64_t r) {
           Rows<scalar_t>::template scale_shift<NT>(xp + r * C, yp + r * C, C, sc, be);
         });
       } else {
-        channel_apply<scalar_t, NT>(nullptr, xp, yp, sh, nullptr, scale.data(), m.data(),
-                                    shift.data());
+        channel_apply<scalar_t, NT>(nullptr, xp, yp, sh, nullptr, scale, m, shift);
       }
     });
   });
@@ -830,20 +953,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
     const int64_t n = sh.count();
     A* dwp = mask[1] ? dw.mutable_data_ptr<A>() : nullptr;
     A* dbp = mask[2] ? db.mutable_data_ptr<A>() : nullptr;
-    std::vector<A> a(C), b(C), k(C);
-    // Channel c's weight/bias grads and the constants of dx = a * dy + b * (x - mean) + k, from
-    // its sums S1 = sum(dy), S2 = sum(dy * (x - mean)).
-    auto set_channel = [&](int64_t c, double s1, double s2) {
-      // an empty batch sums nothing: 0, even where invstd is Inf (eps = 0)
-      if (dwp) dwp[c] = n > 0 ? static_cast<A>(s2 * invstd[c]) : A(0);
-      if (dbp) dbp[c] = static_cast<A>(s1);
-      const double r = invstd[c], gr = (wp ? wp[c] : 1.0) * r;
-      a[c] = static_cast<A>(gr);
-      if (training && n > 0) {
-        b[c] = static_cast<A>(-gr * r * r * s2 / n);
-        k[c] = static_cast<A>(-gr * s1 / n);
-      }
-    };
+    Scratch<A> a_buf, b_buf, k_buf;
+    A* a = scratch(a_buf, C);
+    A* b = training ? scratch(b_buf, C) : nullptr;
+    A* k = training ? scratch(k_buf, C) : nullptr;
+    // Channel c's weight/bias grads and the constants of its dx (BwdConstants).
+    const BwdConstants<A> set_channels{wp, invstd, n, training, dwp, dbp, a, b, k};
     const bool need_sums = training || mask[1] || mask[2];
     if (need_sums && mask[0] && fused_planar(sh, 2 * sizeof(scalar_t), sizeof(scalar_t))) {
       // Each channel's sums, then its dx, while the channel's x and dy are in L2 (read from
@@ -862,7 +977,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
             }
             sums.merge(span_grad_sums(gp + pl.offset(u), xp + pl.offset(u), pl.length(u), mean[c]));
           });
-          set_channel(c, sums.sd, sums.sdd);
+          set_channels(c, sums.sd, sums.sdd);
           const scalar_t* xc = training ? xp : nullptr;  // eval: dx = a * dy
           const A bc = training ? b[c] : A(0), mc = training ? mean[c] : A(0),
                   kc = training ? k[c] : A(0);
@@ -886,12 +1001,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
     }
     std::vector<double> s1(C, 0.0), s2(C, 0.0);
     if (need_sums && x.numel() > 0) channel_grad_sums(gp, xp, sh, mean, s1, s2);
-    for_channels(C, [&](int64_t c) { set_channel(c, s1[c], s2[c]); });
+    for_channel_ranges(C, [&](int64_t c0, int64_t c1) { set_channels(c0, c1, s1.data(), s2.data()); });
     if (!mask[0] || x.numel() == 0) return;
     with_stream(bn_stream(sh, training ? 3 : 2, sizeof(scalar_t), dxp), [&](auto nt) {
       channel_apply<scalar_t, decltype(nt)::value>(
-          gp, training ? xp : nullptr, dxp, sh, a.data(), training ? b.data() : nullptr,
-          training ? mean : nullptr, training ? k.data() : nullptr);
+          gp, training ? xp : nullptr, dxp, sh, a, b, training ? mean : nullptr, k);
     });
   });
   return {dx, dw, db};

@@ -291,10 +291,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     A* mp = mean.mutable_data_ptr<A>();
     A* rp = rstd.mutable_data_ptr<A>();
-    const ParamValues<A> wv(weight), bv(bias);
-    std::vector<A> wl, bl;
-    const A* wp = to_lane_order<scalar_t>(wv.ptr, N, wl);
-    const A* bp = to_lane_order<scalar_t>(bv.ptr, N, bl);
+    const LaneParam<scalar_t> wl(weight, N), bl(bias, N);
+    const A* wp = wl.ptr;
+    const A* bp = bl.ptr;
     with_stream(ln_stream(M, N, 2, sizeof(scalar_t), yp), [&](auto nt) {
       at::parallel_for(0, M, std::max<int64_t>(1, 8192 / std::max<int64_t>(N, 1)),
                        [&](int64_t r0, int64_t r1) {
@@ -339,9 +338,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
     scalar_t* dxp = mask[0] ? dx.mutable_data_ptr<scalar_t>() : nullptr;
     const A* mp = mean_c.const_data_ptr<A>();
     const A* rp = rstd_c.const_data_ptr<A>();
-    const ParamValues<A> wv(weight);
-    std::vector<A> wl;
-    const A* wp = to_lane_order<scalar_t>(wv.ptr, N, wl);
+    const LaneParam<scalar_t> wl(weight, N);
+    const A* wp = wl.ptr;
     const bool sums = mask[1] || mask[2];
     // At most kBlocks row blocks, and no more than one per kBlockValues values: a (64, 768)
     // backward with a block per row built 393 KB of partials, fresh pages from the kernel on
@@ -411,12 +409,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
               for (int64_t j = 0; j < n; ++j) sb[j] += pb[j];
           }
           // the partials are in lane order (row_backward); kTile is a multiple of kStep, so a
-          // tile holds whole lane blocks
-          for (int64_t j = 0; j < n; ++j) {
-            const int64_t l = VecPair<scalar_t>::lane_pos(j0 + j, N) - j0;
-            if (dwp) dwp[j0 + j] = static_cast<A>(sw[l]);
-            if (dbp) dbp[j0 + j] = static_cast<A>(sb[l]);
-          }
+          // tile holds whole lane blocks (and a step is whole in the tile where it is in the row)
+          if (dwp) lane_order_from<scalar_t>(sw, n, dwp + j0);
+          if (dbp) lane_order_from<scalar_t>(sb, n, dbp + j0);
         }
       });
     }
