@@ -9,6 +9,7 @@
 #include <Python.h>
 
 #include "cpu/output_cache.h"
+#include "eager.h"
 #endif
 
 TORCH_LIBRARY(normext, m) {
@@ -68,6 +69,10 @@ static struct PyModuleDef normext_module = {PyModuleDef_HEAD_INIT, "_C", nullptr
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* mod = PyModule_Create(&normext_module);
   if (mod == nullptr) return nullptr;
+  if (normext::add_eager_methods(mod) < 0) {
+    Py_DECREF(mod);
+    return nullptr;
+  }
 #ifdef NORMEXT_WITH_CUDA
   PyModule_AddIntConstant(mod, "with_cuda", 1);
 #else

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import _func, ops
+from . import _C, _func, ops
 
 __all__ = ["batch_norm", "layer_norm"]
 
@@ -96,6 +96,13 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
                 num_batches_tracked=None):
     """batch_norm; with num_batches_tracked, the running statistics are a cumulative average
     (momentum=None in the modules), updated without reading the count on the host."""
+    if not torch.compiler.is_compiling() and not _func.active():
+        # A plain call: checks, the forward and the running-statistics update from C++
+        # (csrc/eager.cpp); None: anything else, which the code below handles.
+        y = _C.batch_norm_eager(input, running_mean, running_var, weight, bias, training,
+                                momentum, eps, num_batches_tracked)
+        if y is not None:
+            return y
     fn = "batch_norm"
     _check_input_dtype(fn, input)
     if (running_mean is None) != (running_var is None):
@@ -162,6 +169,11 @@ def layer_norm(
 ) -> Tensor:
     """Layer normalization over the trailing ``normalized_shape`` dims of ``input``, like
     torch.nn.functional.layer_norm."""
+    if not torch.compiler.is_compiling() and not _func.active():
+        # A plain call goes straight to the op from C++ (csrc/eager.cpp); None: anything else.
+        y = _C.layer_norm_eager(input, normalized_shape, weight, bias, eps)
+        if y is not None:
+            return y
     fn = "layer_norm"
     _check_input_dtype(fn, input)
     if isinstance(normalized_shape, int):
