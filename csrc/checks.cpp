@@ -35,9 +35,18 @@ std::string str_of(at::ScalarType t) { return c10::toString(t); }
 
 std::string str_of(const c10::Device& d) { return d.str(); }
 
+bool is_floating_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+bool param_dtype_ok(at::ScalarType param, at::ScalarType input) {
+  const bool half_input = input == at::kHalf || input == at::kBFloat16;
+  return param == input || (half_input && param == at::kFloat);
+}
+
 void check_floating_input(const at::Tensor& x, const char* op) {
   auto t = x.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
+  TORCH_CHECK(is_floating_dtype(t), op,
               ": expected input of dtype float32, float64, float16 or bfloat16, but got ", str_of(t));
 }
 
@@ -49,8 +58,7 @@ void check_param(const c10::optional<at::Tensor>& p, const at::Tensor& x, int64_
   TORCH_CHECK(p->device() == x.device(), op, ": ", name, " is on ", str_of(p->device()),
               " but input is on ", str_of(x.device()));
   auto xt = x.scalar_type(), pt = p->scalar_type();
-  bool half_input = xt == at::kHalf || xt == at::kBFloat16;
-  TORCH_CHECK(pt == xt || (half_input && pt == at::kFloat), op, ": ", name, " has dtype ", str_of(pt),
+  TORCH_CHECK(param_dtype_ok(pt, xt), op, ": ", name, " has dtype ", str_of(pt),
               " but input has dtype ", str_of(xt), " (a parameter must have the input's dtype, or float32 "
               "for a float16/bfloat16 input)");
 }

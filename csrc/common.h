@@ -27,6 +27,11 @@ std::string str_of(at::IntArrayRef sizes);
 std::string str_of(at::ScalarType t);
 std::string str_of(const c10::Device& d);
 
+// The dtype rules the checks below enforce, as predicates (csrc/eager.cpp tests them without
+// raising): inputs are float32, float64, float16 or bfloat16; a parameter has the input's dtype,
+// or float32 for a float16/bfloat16 input.
+bool is_floating_dtype(at::ScalarType t);
+bool param_dtype_ok(at::ScalarType param, at::ScalarType input);
 void check_floating_input(const at::Tensor& x, const char* op);
 
 // A parameter (weight, bias, running statistic) must have `numel` elements, live on x's device,

@@ -28,6 +28,7 @@
 #include <optional>
 #include <tuple>
 
+#include "common.h"
 #include "eager.h"
 
 namespace normext {
@@ -81,17 +82,11 @@ bool number_arg(PyObject* o, double& v) {
   return false;
 }
 
-bool floating(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
-// functional._check_param's rule: the input's device; the input's dtype, or float32 for a
-// half input. (Sizes are checked by the callers.)
+// functional._check_param's rule: the input's device and param_dtype_ok (common.h). (Sizes are
+// checked by the callers.)
 bool param_ok(const OptT& p, const at::Tensor& x) {
-  if (!p.has_value()) return true;
-  if (p->device() != x.device()) return false;
-  const auto xt = x.scalar_type(), pt = p->scalar_type();
-  return pt == xt || ((xt == at::kHalf || xt == at::kBFloat16) && pt == at::kFloat);
+  return !p.has_value() ||
+         (p->device() == x.device() && param_dtype_ok(p->scalar_type(), x.scalar_type()));
 }
 
 // The given parameters share one dtype (functional._check_params_agree).
@@ -116,7 +111,7 @@ PyObject* layer_norm_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (!tensor_arg(args[0], x, false) || !tensor_arg(args[2], weight, true) ||
       !tensor_arg(args[3], bias, true) || !number_arg(args[4], eps))
     Py_RETURN_NONE;
-  if (!floating(x->scalar_type())) Py_RETURN_NONE;
+  if (!is_floating_dtype(x->scalar_type())) Py_RETURN_NONE;
   // normalized_shape: an int, or a tuple (torch.Size too) or list of ints
   constexpr int kMaxDims = 16;
   int64_t shape[kMaxDims];
@@ -168,7 +163,7 @@ PyObject* batch_norm_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       !tensor_arg(args[8], nbt, true))
     Py_RETURN_NONE;
   const bool training = args[5] == Py_True;
-  if (!floating(x->scalar_type()) || x->dim() < 2) Py_RETURN_NONE;
+  if (!is_floating_dtype(x->scalar_type()) || x->dim() < 2) Py_RETURN_NONE;
   if (rm.has_value() != rv.has_value() || !(eps >= 0) || (!training && !rm.has_value()))
     Py_RETURN_NONE;
   const int64_t C = x->size(1), numel = x->numel();
