@@ -145,6 +145,62 @@ def test_short_planes_many_channels(shape, training, dtype):
     run_bn(shape, dtype, training=training)
 
 
+# Short NCHW planes are walked as one stream of whole vector steps (planes_map and
+# planes_grad_sums in csrc/cpu/vec_utils.h): a step straddles two planes, and each of its lanes
+# must take its own channel's constants and sums. Plane lengths about a step (16 values for
+# float32 and bfloat16 on AVX2, 32 on AVX-512, 8 for float64); (41, 101, 17) has enough values
+# for several tasks, which then start mid-sample (in the middle of a run of planes); (2, 9000, 17)
+# has too many channels for per-task partials, so the backward's sums go channel by channel.
+BOUNDARY_SHAPES = [
+    (3, 70, 16),
+    (5, 67, 17),
+    (4, 65, 5, 5),
+    (2, 131, 33),
+    (6, 64, 7, 7),
+    (2, 9, 14, 14),
+    (3, 5, 31),
+    (41, 101, 17),
+    (2, 9000, 17),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", BOUNDARY_SHAPES, ids=str)
+def test_short_plane_boundaries(shape, training, dtype):
+    run_bn(shape, dtype, training=training)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_nonfinite_at_plane_boundary(where, bad, dtype):
+    """A NaN/Inf at the first or last value of a short plane: its channel's outputs and grads
+    are NaN where torch's are, and the neighbouring channels (whose values share a vector step
+    with it) are untouched."""
+    shape, c = (41, 101, 17), 50
+    x = torch.randn(shape, dtype=dtype)
+    with torch.no_grad():
+        x[20, c, 0 if where == "first" else -1] = bad
+    w, b = torch.randn(101, dtype=dtype), torch.randn(101, dtype=dtype)
+    dy = torch.randn(shape, dtype=dtype)
+    runs = []
+    for fn in (NF.batch_norm, F.batch_norm):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        y = fn(xs, None, None, ws, bs, True)
+        runs.append((y, *torch.autograd.grad(y, (xs, ws, bs), dy)))
+    others = [k for k in range(101) if k != c]
+    for name, ours, theirs in zip(["y", "dx", "dw", "db"], *runs):
+        torch.testing.assert_close(torch.isnan(ours), torch.isnan(theirs), msg=name)
+        assert not torch.isnan(ours[:, others] if ours.dim() > 1 else ours[others]).any(), name
+    xd, wd, bd = (t.double().requires_grad_() for t in (x, w, b))
+    yd = F.batch_norm(xd, None, None, wd, bd, True)
+    ref = (yd, *torch.autograd.grad(yd, (xd, wd, bd), dy.double()))
+    for name, ours, theirs, r in zip(["y", "dx", "dw", "db"], *runs, ref):
+        pick = (lambda t: t[:, others]) if ours.dim() > 1 else (lambda t: t[others])
+        check(name, pick(ours), pick(theirs), pick(r), dtype, "fwd" if name == "y" else "bwd")
+
+
 LAYOUT_CASES = (
     [((6, 5, 37), layout) for layout in LAYOUTS + ["channels_last"]]
     + [((0, 5, 37), "channels_last"), ((6, 5, 1), "channels_last")]

@@ -568,8 +568,11 @@ inline bool bn_stream(const BnShape& sh, int64_t arrays, int64_t elem_size, cons
 // kPartialBytes with many channels, not one per unit: a (N, C, 2) input has N*C units.
 constexpr int64_t kPartialBytes = 1 << 20;
 constexpr int64_t kMinTasks = 8;
-template <typename R, typename F>
-std::vector<R> planar_reduce(const Planar& pl, bool memory_order, const F& add) {
+// run(part, u0, u1), where given, adds units [u0, u1) (one segment a plane) into part (C
+// entries), unit u into part[u % C], in place of add per unit (planes_grad_sums).
+template <typename R, typename F, typename Run = std::nullptr_t>
+std::vector<R> planar_reduce(const Planar& pl, bool memory_order, const F& add,
+                             const Run& run = nullptr) {
   const int64_t C = pl.C;
   std::vector<R> out(C);
   if (C == 0) return out;
@@ -581,7 +584,13 @@ std::vector<R> planar_reduce(const Planar& pl, bool memory_order, const F& add) 
     at::parallel_for(0, C, serial_grain(C, values), [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c)
         for (int64_t i = 0; i < pl.N; ++i)
-          for (int64_t s = 0; s < pl.segs; ++s) add(out[c], (i * C + c) * pl.segs + s, c);
+          for (int64_t s = 0; s < pl.segs; ++s) {
+            const int64_t u = (i * C + c) * pl.segs + s;
+            if constexpr (std::is_same_v<Run, std::nullptr_t>)
+              add(out[c], u, c);
+            else
+              run(out.data(), u, u + 1);
+          }
     });
     return out;
   }
@@ -589,12 +598,16 @@ std::vector<R> planar_reduce(const Planar& pl, bool memory_order, const F& add) 
   at::parallel_for(0, tasks, serial_grain(tasks, values), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t u0 = t * pl.units / tasks, u1 = (t + 1) * pl.units / tasks;
-      int64_t c = pl.channel(u0), s = pl.seg(u0);  // advanced with u: no division per unit
-      for (int64_t u = u0; u < u1; ++u) {
-        add(part[t * C + c], u, c);
-        if (++s == pl.segs) {
-          s = 0;
-          if (++c == C) c = 0;
+      if constexpr (!std::is_same_v<Run, std::nullptr_t>) {
+        run(part.data() + t * C, u0, u1);
+      } else {
+        int64_t c = pl.channel(u0), s = pl.seg(u0);  // advanced with u: no division per unit
+        for (int64_t u = u0; u < u1; ++u) {
+          add(part[t * C + c], u, c);
+          if (++s == pl.segs) {
+            s = 0;
+            if (++c == C) c = 0;
+          }
         }
       }
     }
@@ -647,6 +660,15 @@ constexpr int64_t kFusePlaneBytes = 4096;
 inline bool fused_planar(const BnShape& sh, int64_t bytes_per_value, int64_t elem_size) {
   return !sh.channels_last && sh.c >= kTasks && sh.n * sh.s * bytes_per_value <= kFuseBytes &&
          sh.s * elem_size >= kFusePlaneBytes;
+}
+
+// Whether planar passes over `sh` take planes_map (one stream over runs of whole planes): planes
+// shorter than kFusePlaneBytes (the elementwise passes walk them in memory order) and at least a
+// whole step long.
+template <typename T>
+inline bool short_run_planes(const BnShape& sh) {
+  return !sh.channels_last && sh.s >= VecPair<T>::kStep &&
+         sh.s * int64_t(sizeof(T)) < kFusePlaneBytes;
 }
 
 // Per-channel moments of x (layout `sh`). Each unit (plane segment or row block) runs both
@@ -724,10 +746,16 @@ void channel_grad_sums(const T* dy, const T* x, const BnShape& sh, const acc_t<T
   if (!sh.channels_last) {
     const Planar pl(sh);
     const bool short_planes = sh.s * int64_t(sizeof(T)) < kFusePlaneBytes;
-    const std::vector<Sum2> sums = planar_reduce<Sum2>(pl, short_planes,
-                                                       [&](Sum2& a, int64_t u, int64_t c) {
+    auto add = [&](Sum2& a, int64_t u, int64_t c) {
       a.merge(span_grad_sums(dy + pl.offset(u), x + pl.offset(u), pl.length(u), mean[c]));
-    });
+    };
+    const std::vector<Sum2> sums =
+        short_run_planes<T>(sh) && sh.s <= kChunk
+            ? planar_reduce<Sum2>(pl, short_planes, add,
+                                  [&](Sum2* part, int64_t u0, int64_t u1) {
+                                    planes_grad_sums(dy, x, u0, u1, pl.S, C, mean, part);
+                                  })
+            : planar_reduce<Sum2>(pl, short_planes, add);
     for (int64_t c = 0; c < C; ++c) {
       s1[c] = sums[c].sd;
       s2[c] = sums[c].sdd;
@@ -770,8 +798,22 @@ void channel_apply(const T* g, const T* x, T* out, const BnShape& sh, const acc_
   const int64_t C = sh.c;
   if (!sh.channels_last) {
     const Planar pl(sh);
-    at::parallel_for(0, pl.units, std::max<int64_t>(1, 16384 / std::max<int64_t>(sh.s, 1)),
-                     [&](int64_t u0, int64_t u1) {
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(sh.s, 1));
+    if (!NT && short_run_planes<T>(sh)) {
+      at::parallel_for(0, pl.units, grain, [&](int64_t u0, int64_t u1) {
+        const int64_t S = pl.S;
+        if (g == nullptr && m == nullptr)
+          planes_map<T>(ScaleShiftOp<T>{b, k}, x, nullptr, out, u0, u1, S, C);
+        else if (g == nullptr)
+          planes_map<T>(AffineOp<T>{m, b, k}, x, nullptr, out, u0, u1, S, C);
+        else if (x == nullptr)
+          planes_map<T>(GradScaleOp<T>{a}, g, nullptr, out, u0, u1, S, C);
+        else
+          planes_map<T>(DxOp<T>{a, b, m, k}, g, x, out, u0, u1, S, C);
+      });
+      return;
+    }
+    at::parallel_for(0, pl.units, grain, [&](int64_t u0, int64_t u1) {
       // the channel advances with the plane: no division per unit
       int64_t c = pl.channel(u0), s = pl.seg(u0);
       for (int64_t u = u0; u < u1; ++u) {

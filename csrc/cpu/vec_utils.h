@@ -968,5 +968,199 @@ NORMEXT_INLINE void span_dx(const T* dy, const T* x, T* dx, int64_t n, acc_t<T> 
   for (; i < n; ++i) one(i);
 }
 
+// ---- short planes as one stream ----------------------------------------------------------------
+//
+// NCHW planes lie one after another: planes u0 .. u1 - 1 (plane u of channel u % C) are one run
+// of (u1 - u0) * S values. planes_map walks that run in whole steps that do not restart at each
+// plane: the steps inside a plane take its channel's constants; the one step that straddles two
+// planes takes the first plane's constants in the lanes of its values and the next plane's in
+// the others (a blend with tail_mask); the run's last step overlaps the one before it (as in
+// span_map). Each value gets the same arithmetic with its own channel's constants as the span
+// loops give it, so the results are the same. Walked plane by plane, a (32, 256, 14, 14)
+// bfloat16 apply paid a loop entry, a partial step and its constants every 196 values: measured,
+// one thread, eval forward 0.193 ns a value, against 0.138 for 56 x 56 planes. Raw ops, 2
+// threads, interleaved in one process, plane by plane -> planes_map (with planes_grad_sums for
+// the backward's sums), quartile ms: bf16 (32, 256, 14, 14) eval forward 0.196 -> 0.146,
+// training forward 0.306 -> 0.251, backward 0.406 -> 0.367; (32, 512, 7, 7) 0.176 -> 0.092,
+// 0.295 -> 0.205, 0.379 -> 0.314; float32 and float16 7-34% faster at both shapes.
+// Needs S >= kStep (a step straddles at most two planes). Op gives kIn (1: in0 only; 2: in0 and
+// in1), kK constants per channel (consts(c, k) broadcasts them) and the map (vec).
+template <typename T, typename Op>
+NORMEXT_INLINE void planes_map(const Op& op, const T* in0, const T* in1, T* out, int64_t u0,
+                               int64_t u1, int64_t S, int64_t C) {
+  using P = VecPair<T>;
+  using A = typename P::A;
+  using V = typename P::V;
+  constexpr int64_t K = P::kStep;
+  constexpr int NK = Op::kK;
+  if (u0 >= u1) return;
+  auto step = [&](int64_t i, const V* ka, const V* kb) {
+    V a0, b0, a1, b1;
+    P::load_lanes(in0 + i, a0, b0);
+    if constexpr (Op::kIn == 2) P::load_lanes(in1 + i, a1, b1);
+    P::template put_lanes<false>(out + i, op.vec(a0, a1, ka), op.vec(b0, b1, kb));
+  };
+  int64_t c = u0 % C;
+  V k[NK];
+  op.consts(c, k);
+  int64_t i = u0 * S;
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t e = (u + 1) * S;
+    for (; i + K <= e; i += K) step(i, k, k);
+    if (++c == C) c = 0;
+    if (u + 1 == u1) {
+      if (i < e) step(e - K, k, k);  // the run's end: overlap the last whole step
+      break;
+    }
+    V nk[NK];
+    op.consts(c, nk);
+    if (i < e) {  // the step over the end of plane u and the start of plane u + 1
+      const A* mk = static_cast<const A*>(tail_mask<T>(K - (e - i)));
+      const V ma = V::loadu(mk), mb = V::loadu(mk + V::size());
+      V ka[NK], kb[NK];
+      for (int j = 0; j < NK; ++j) {
+        ka[j] = V::blendv(k[j], nk[j], ma);
+        kb[j] = V::blendv(k[j], nk[j], mb);
+      }
+      step(i, ka, kb);
+      i += K;
+    }
+    for (int j = 0; j < NK; ++j) k[j] = nk[j];
+  }
+}
+
+// The backward's sums of each plane of planes [u0, u1) (sum(dy) and sum(dy * (x - m[c])), as
+// span_grad_sums), walked as planes_map walks them, added into part[c] for plane u's channel
+// c = u % C (part: C entries). Each plane's values are summed in acc_t lanes, then added to the
+// channel's double sums (so S <= kChunk). Measured, interleaved in one process, raw backward:
+// (32, 512, 7, 7) bf16 7-9% faster than span_grad_sums plane by plane, (32, 256, 14, 14) the
+// same. (The forward's statistics walked this way, in memory order around each channel's first
+// plane's mean, were 7-11% slower in bf16 than short_spans_moments channel by channel.)
+// The step that straddles two planes adds its lanes to the plane each holds
+// (blends: the other plane's lanes add zero, after the subtraction, so an Inf there cannot turn
+// into NaN). Needs S >= kStep.
+template <typename T>
+NORMEXT_INLINE void planes_grad_sums(const T* dy, const T* x, int64_t u0, int64_t u1, int64_t S,
+                                     int64_t C, const acc_t<T>* m, Sum2* part) {
+  using P = VecPair<T>;
+  using A = typename P::A;
+  using V = typename P::V;
+  constexpr int64_t K = P::kStep;
+  if (u0 >= u1) return;
+  const V zero(A(0));
+  V s0 = zero, s1 = zero, q0 = zero, q1 = zero;
+  // the step at j: g = dy, d = x - vm
+  auto load = [&](int64_t j, const V& vm, V& ga, V& gb, V& da, V& db) {
+    V a, b;
+    P::load_lanes(x + j, a, b);
+    da = a - vm;
+    db = b - vm;
+    P::load_lanes(dy + j, ga, gb);
+  };
+  auto add = [&](const V& ga, const V& gb, const V& da, const V& db) {
+    s0 += ga;
+    s1 += gb;
+    q0 = at::vec::fmadd(ga, da, q0);
+    q1 = at::vec::fmadd(gb, db, q1);
+  };
+  int64_t c = u0 % C;
+  V vm(m[c]);
+  int64_t i = u0 * S;
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t e = (u + 1) * S;
+    for (; i + K <= e; i += K) {
+      V ga, gb, da, db;
+      load(i, vm, ga, gb, da, db);
+      add(ga, gb, da, db);
+    }
+    const bool last = u + 1 == u1;
+    V ma, mb;
+    if (i < e) {
+      // the last run's tail: the last whole step, its lanes before i masked out (tail_mask);
+      // else the step that straddles into plane u + 1, whose lanes mb/ma mark
+      const A* mk = static_cast<const A*>(tail_mask<T>(last ? e - i : K - (e - i)));
+      ma = V::loadu(mk);
+      mb = V::loadu(mk + V::size());
+      V ga, gb, da, db;
+      load(last ? e - K : i, vm, ga, gb, da, db);
+      if (last)
+        add(ga & ma, gb & mb, da & ma, db & mb);
+      else
+        add(V::blendv(ga, zero, ma), V::blendv(gb, zero, mb), V::blendv(da, zero, ma),
+            V::blendv(db, zero, mb));
+    }
+    part[c].sd += hsum(s0 + s1);
+    part[c].sdd += hsum(q0 + q1);
+    if (last) break;
+    s0 = s1 = q0 = q1 = zero;
+    if (++c == C) c = 0;
+    vm = V(m[c]);
+    if (i < e) {
+      V ga, gb, da, db;
+      load(i, vm, ga, gb, da, db);
+      add(V::blendv(zero, ga, ma), V::blendv(zero, gb, mb), V::blendv(zero, da, ma),
+          V::blendv(zero, db, mb));
+      i += K;
+    }
+  }
+}
+
+// planes_map's maps: y = x * s + b (ScaleShiftOp, the folded forward), (x - m) * s + h
+// (AffineOp), and BatchNorm's dx = a * dy + b * (x - m) + k (DxOp; GradScaleOp: dx = a * dy).
+template <typename T>
+struct ScaleShiftOp {
+  using A = acc_t<T>;
+  using V = at::vec::Vectorized<A>;
+  static constexpr int kIn = 1, kK = 2;
+  const A *s, *b;
+  NORMEXT_INLINE void consts(int64_t c, V* k) const {
+    k[0] = V(s[c]);
+    k[1] = V(b[c]);
+  }
+  NORMEXT_INLINE V vec(const V& x, const V&, const V* k) const {
+    return at::vec::fmadd(x, k[0], k[1]);
+  }
+};
+template <typename T>
+struct AffineOp {
+  using A = acc_t<T>;
+  using V = at::vec::Vectorized<A>;
+  static constexpr int kIn = 1, kK = 3;
+  const A *m, *s, *h;
+  NORMEXT_INLINE void consts(int64_t c, V* k) const {
+    k[0] = V(m[c]);
+    k[1] = V(s[c]);
+    k[2] = V(h[c]);
+  }
+  NORMEXT_INLINE V vec(const V& x, const V&, const V* k) const {
+    return at::vec::fmadd(x - k[0], k[1], k[2]);
+  }
+};
+template <typename T>
+struct GradScaleOp {
+  using A = acc_t<T>;
+  using V = at::vec::Vectorized<A>;
+  static constexpr int kIn = 1, kK = 1;
+  const A* a;
+  NORMEXT_INLINE void consts(int64_t c, V* k) const { k[0] = V(a[c]); }
+  NORMEXT_INLINE V vec(const V& g, const V&, const V* k) const { return g * k[0]; }
+};
+template <typename T>
+struct DxOp {
+  using A = acc_t<T>;
+  using V = at::vec::Vectorized<A>;
+  static constexpr int kIn = 2, kK = 4;
+  const A *a, *b, *m, *k;
+  NORMEXT_INLINE void consts(int64_t c, V* v) const {
+    v[0] = V(a[c]);
+    v[1] = V(b[c]);
+    v[2] = V(m[c]);
+    v[3] = V(k[c]);
+  }
+  NORMEXT_INLINE V vec(const V& g, const V& x, const V* v) const {
+    return at::vec::fmadd(g, v[0], at::vec::fmadd(x - v[2], v[1], v[3]));
+  }
+};
+
 }  // namespace CPU_CAPABILITY
 }  // namespace normext::cpu
