@@ -569,7 +569,8 @@ inline bool bn_stream(const BnShape& sh, int64_t arrays, int64_t elem_size, cons
 constexpr int64_t kPartialBytes = 1 << 20;
 constexpr int64_t kMinTasks = 8;
 // run(part, u0, u1), where given, adds units [u0, u1) (one segment a plane) into part (C
-// entries), unit u into part[u % C], in place of add per unit (planes_grad_sums).
+// entries), unit u into part[u % C], in place of add per unit (planes_grad_sums; add is then
+// nullptr).
 template <typename R, typename F, typename Run = std::nullptr_t>
 std::vector<R> planar_reduce(const Planar& pl, bool memory_order, const F& add,
                              const Run& run = nullptr) {
@@ -746,16 +747,16 @@ void channel_grad_sums(const T* dy, const T* x, const BnShape& sh, const acc_t<T
   if (!sh.channels_last) {
     const Planar pl(sh);
     const bool short_planes = sh.s * int64_t(sizeof(T)) < kFusePlaneBytes;
-    auto add = [&](Sum2& a, int64_t u, int64_t c) {
-      a.merge(span_grad_sums(dy + pl.offset(u), x + pl.offset(u), pl.length(u), mean[c]));
-    };
     const std::vector<Sum2> sums =
         short_run_planes<T>(sh) && sh.s <= kChunk
-            ? planar_reduce<Sum2>(pl, short_planes, add,
+            ? planar_reduce<Sum2>(pl, short_planes, nullptr,
                                   [&](Sum2* part, int64_t u0, int64_t u1) {
                                     planes_grad_sums(dy, x, u0, u1, pl.S, C, mean, part);
                                   })
-            : planar_reduce<Sum2>(pl, short_planes, add);
+            : planar_reduce<Sum2>(pl, short_planes, [&](Sum2& a, int64_t u, int64_t c) {
+                a.merge(span_grad_sums(dy + pl.offset(u), x + pl.offset(u), pl.length(u),
+                                       mean[c]));
+              });
     for (int64_t c = 0; c < C; ++c) {
       s1[c] = sums[c].sd;
       s2[c] = sums[c].sdd;
