@@ -633,6 +633,45 @@ def test_deterministic(shape, layout, dtype):
         torch.set_num_threads(threads)
 
 
+# The fused NCHW passes (at least 64 channels, planes of 4 KB and more, a channel's inputs at most
+# 1 MB) cut each channel into parts that different threads take, meeting once a channel
+# (csrc/cpu/batch_norm.cpp: fuse_parts, fused_channels). Here 1 to 8 parts, over 1 to 8 threads:
+# more threads than parts (several teams of threads), fewer (threads with several parts), more
+# threads than cores; and parts of planes over 65536 values (two segments a plane).
+FUSED_SPLIT = [
+    ((16, 64, 33, 64), torch.float32),  # forward 2 parts, backward 4
+    ((16, 64, 33, 64), torch.bfloat16),  # forward 1 part, backward 2
+    ((16, 64, 33, 64), torch.float64),  # forward 4 parts, backward 8
+    ((2, 64, 70001), torch.float32),  # forward 2 parts of one plane of two segments
+]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape,dtype", FUSED_SPLIT, ids=str)
+def test_fused_parts_any_thread_count(shape, dtype, training):
+    """Right against torch and float64, and bitwise the same for every thread count."""
+    run_bn(shape, dtype, training=training)
+    base, view = make_input(shape, dtype)
+    c = shape[1]
+    g = torch.Generator().manual_seed(5)
+    w, b = torch.randn(c, generator=g, dtype=dtype), torch.randn(c, generator=g, dtype=dtype)
+    stats = (torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype))
+    dy = torch.randn(shape, generator=g, dtype=dtype)
+    fn = lambda x, w, b, rm, rv: NF.batch_norm(x, rm, rv, w, b, training)
+    flat = lambda r: [r[0], r[1], *r[2], *r[3]]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        first = flat(forward_backward(fn, base, view, dy, (w, b), stats))
+        for t in (2, 3, 4, 8):
+            torch.set_num_threads(t)
+            again = flat(forward_backward(fn, base, view, dy, (w, b), stats))
+            for a, e in zip(again, first):
+                torch.testing.assert_close(a, e, atol=0, rtol=0, msg=prefixed(f"{t} threads"))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_half_reference_is_meaningful():
     """The half-dtype tolerance is anchored on torch's own error: make sure that error is real
     (nonzero) and that a deliberately perturbed result fails the check."""

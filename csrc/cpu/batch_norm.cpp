@@ -19,6 +19,7 @@
 // number of threads. Training forward reads x twice (statistics, then y) and backward reads
 // x and dy twice (sums, then dx).
 #include <ATen/Dispatch.h>
+#include <ATen/Config.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -26,8 +27,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
+#include <thread>
+#include <unistd.h>
 #include <vector>
 
 #include "common.h"
@@ -618,13 +622,6 @@ std::vector<R> planar_reduce(const Planar& pl, bool memory_order, const F& add,
   return out;
 }
 
-// Channel c's planar units in planar_reduce's merge order: by n, then segment.
-template <typename F>
-inline void for_channel_units(const Planar& pl, int64_t c, const F& f) {
-  for (int64_t i = 0; i < pl.N; ++i)
-    for (int64_t s = 0; s < pl.segs; ++s) f((i * pl.C + c) * pl.segs + s);
-}
-
 // Whether a planar op runs channel by channel, its reduction and then its elementwise pass over
 // the channel while the channel is in L2 (so the inputs come from memory once): with at least
 // kTasks channels (planar_reduce takes whole channels then too, in the same order), when a
@@ -632,31 +629,158 @@ inline void for_channel_units(const Planar& pl, int64_t c, const F& f) {
 // are long runs (kFusePlaneBytes of x at least). A channel's planes lie C * S apart: short planes
 // make the elementwise pass hop through memory, where the unfused one streams in memory order
 // (measured: (32, 256, 14, 14) float32 backward 0.66 ms unfused, 0.86 ms fused). Fused or not,
-// the results are the same.
+// the results depend on the shape alone (the fused path merges a channel's parts, see
+// fuse_parts, so its last bits can differ from the unfused path's).
 // The fused ops walk a channel plane by plane, each plane C * S values past the last: the
 // hardware prefetchers lose the stream at every jump, and the first lines of each plane wait
-// on memory. So while one plane is summed, the next one of the channel is prefetched into L2
-// (a prefetch a cache line). Measured, interleaved with torch, (32, 64, 56, 56): bf16 forward
-// 1.05-1.15x -> 1.29-1.33x torch, backward 1.08-1.10x -> 1.19-1.25x; float32 forward
-// 2.6-2.85x -> 3.0-3.2x, backward unchanged (1.09-1.21x). Short planes (not fused, mostly in
-// cache) gained nothing from it.
+// on memory. So while one plane is summed, the next one of the part is prefetched into L2
+// (a prefetch a cache line), unless the whole part was prefetched ahead (fused_channels).
+// Measured, interleaved with torch, (32, 64, 56, 56): bf16 forward 1.05-1.15x -> 1.29-1.33x
+// torch, backward 1.08-1.10x -> 1.19-1.25x; float32 forward 2.6-2.85x -> 3.0-3.2x, backward
+// unchanged (1.09-1.21x). Short planes (not fused, mostly in cache) gained nothing from it.
 inline void prefetch_span(const void* p, int64_t bytes) {
   const char* q = static_cast<const char*>(p);
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(q + o, 0, 2);
 }
 
 constexpr int64_t kFuseBytes = 1 << 20;
-// While a fused op writes channel c's output (from L2), it reads nothing from memory: so it
-// prefetches the next channel's first units (the same planes, S values on), as many as fit in
-// kFuseBytes beside channel c's (all of them when a channel takes half of it at most), and the
-// next channel's sums start from L2. Measured, (32, 64, 56, 56), interleaved in one process
-// (quartiles): fp32 forward 1.24-1.49 -> 1.11-1.27 ms, bf16 backward 1.69-1.84 -> 1.58-1.68 ms;
-// bf16 forward and fp32 backward (8 of 32 units fit) unchanged.
-inline int64_t ahead_units(const Planar& pl, int64_t bytes_per_value) {
-  const int64_t unit = std::min(kSeg, pl.S) * bytes_per_value;
-  const int64_t free = kFuseBytes - pl.N * pl.S * bytes_per_value;
-  return std::clamp<int64_t>(free / std::max<int64_t>(unit, 1), 0, pl.N * pl.segs);
+// The fused passes cut each channel's N planes into P parts (ranges of n; P from the shape
+// alone, each part's inputs at most kPartBytes where N allows), and the parts of a channel go to
+// different threads, which meet once a channel (fused_channels). A channel's statistics are its
+// parts' merged in part order, so the results depend on the shape only, not on the thread count.
+// What the split buys: a thread's share of a channel small enough that its share of the next
+// channel fits in L2 beside it, so while it writes one channel's output (from L2) it prefetches
+// the next one's, and its reads from memory overlap its arithmetic and its writes. With whole
+// channels a thread, a (32, 64, 56, 56) bf16 backward has 401 KB of x and dy a channel: two
+// overflow this machine's 512 KB L2, and the prefetch ahead measured no faster than none.
+// Measured, raw ops interleaved in one process, 2 threads, cache flushed before each call,
+// medians (whole channels -> parts): (32, 64, 56, 56) bf16 forward 1.53 -> 1.41 ms, backward
+// 2.63 -> 2.32; float32 forward 2.84 -> 2.61, backward 4.35 -> 4.28 (802 KB a channel: half of
+// one, twice, does not fit in L2 either, so no prefetch ahead).
+constexpr int64_t kPartBytes = 128 << 10;
+inline int64_t fuse_parts(const Planar& pl, int64_t bytes_per_value) {
+  const int64_t channel = pl.N * pl.S * bytes_per_value;
+  int64_t parts = 1;  // a power of two: shares even over 2, 4, 8 ... threads
+  while (parts * kPartBytes < channel && parts < pl.N) parts *= 2;
+  return std::min(parts, pl.N);
 }
+// planes [part_n0(p), part_n0(p + 1)) of each channel are part p
+inline int64_t part_n0(const Planar& pl, int64_t parts, int64_t p) { return p * pl.N / parts; }
+
+// This core's L2 in bytes (the prefetch ahead must fit in it; 512 KB where it cannot be read).
+inline int64_t l2_bytes() {
+  static const int64_t bytes = [] {
+    long v = -1;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    return v > 0 ? int64_t{v} : int64_t{512} << 10;
+  }();
+  return bytes;
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#endif
+}
+// A counter that one thread raises and others wait on, on a cache line of its own.
+struct alignas(64) Progress {
+  std::atomic<int64_t> v{0};
+  void raise(int64_t to) { v.store(to, std::memory_order_release); }
+  void wait(int64_t at_least) const {
+    for (int spins = 0; v.load(std::memory_order_acquire) < at_least; ++spins) {
+      if (spins < 4096)
+        cpu_relax();
+      else
+        std::this_thread::yield();  // more threads than cores: let the one we wait on run
+    }
+  }
+};
+
+// The fused planar passes' driver. For each channel c:
+//   parts[p] = reduce(c, n0, n1, prefetch): part p's partial result, over planes [n0, n1) of c by
+//     n then segment (prefetch: fetch each next plane of the part while one is summed);
+//   finish(c, parts): merges the P partials in part order and sets c's constants;
+//   apply(c, n0, n1, ahead): part p's elementwise pass (ahead: prefetch the same planes of c + 1).
+// The work items are (team, part): a team's items take a range of channels together, channel by
+// channel. The part-0 item's thread waits for the team's other parts, runs finish, and the others
+// wait for that. A thread that gets several items runs them in turn (items of one team together,
+// channel by channel). This needs every chunk of at::parallel_for running at once on a thread of
+// its own, as OpenMP's do: the chunks are contiguous ranges of items in team order, so a team's
+// items are all running (or all in one chunk) and each waits only on its own team. Where the
+// chunks may queue (ATen's native thread pool), each item is a whole team: no thread waits then.
+template <typename R, typename Reduce, typename Finish, typename Apply>
+void fused_channels(const Planar& pl, int64_t parts, int64_t part_bytes, const Reduce& reduce,
+                    const Finish& finish, const Apply& apply) {
+#if AT_PARALLEL_OPENMP
+  constexpr bool kSplit = true;
+#else
+  constexpr bool kSplit = false;
+#endif
+  const int64_t C = pl.C, P = parts, width = kSplit ? P : 1;  // items a team
+  const int64_t teams = std::clamp<int64_t>(at::get_num_threads() / width, 1, C);
+  std::vector<R> partial(C * P);
+  // per team: a counter per part (the team's channels whose partial is in), then one for finish
+  std::unique_ptr<Progress[]> progress(new Progress[teams * (P + 1)]);
+  at::parallel_for(0, teams * width, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t t = i0 / width; t * width < i1; ++t) {
+      const int64_t p0 = kSplit ? std::max(i0, t * P) - t * P : 0;
+      const int64_t p1 = kSplit ? std::min(i1, (t + 1) * P) - t * P : P;
+      const int64_t c0 = t * C / teams, c1 = (t + 1) * C / teams;
+      Progress* flag = progress.get() + t * (P + 1);
+      // this thread's share of a channel, and of the next channel, fit in L2 together
+      const bool ahead = 2 * (p1 - p0) * part_bytes <= l2_bytes();
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t k = c - c0 + 1;  // the team's channels done, this one included
+        for (int64_t p = p0; p < p1; ++p) {
+          partial[c * P + p] =
+              reduce(c, part_n0(pl, P, p), part_n0(pl, P, p + 1), !ahead || c == c0);
+          flag[p].raise(k);
+        }
+        if (p0 == 0) {
+          for (int64_t q = p1; q < P; ++q) flag[q].wait(k);
+          finish(c, partial.data() + c * P);
+          flag[P].raise(k);
+        } else {
+          flag[P].wait(k);
+        }
+        for (int64_t p = p0; p < p1; ++p)
+          apply(c, part_n0(pl, P, p), part_n0(pl, P, p + 1), ahead && c + 1 < c1);
+      }
+    }
+    stream_fence();
+  });
+}
+
+// f(u, last) over channel c's units of planes [n0, n1) in order (by n, then segment); last:
+// u is in plane n1 - 1.
+template <typename F>
+inline void for_part_units(const Planar& pl, int64_t c, int64_t n0, int64_t n1, const F& f) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t s = 0; s < pl.segs; ++s) f((n * pl.C + c) * pl.segs + s, n + 1 == n1);
+}
+// f(offset, length) over a unit's values in chunks, each chunk's values of the next channel
+// (S values on) prefetched first where ahead: the prefetches spread over the pass that writes,
+// instead of a burst a plane, which stalled it.
+constexpr int64_t kAheadChunkBytes = 1024;
+// The chunks end where the output (out, written from off on) is kAheadChunkBytes-aligned, so that
+// non-temporal stores start every chunk but the first aligned.
+template <typename F>
+inline void chunked_ahead(int64_t off, int64_t len, int64_t S, int64_t elem_size, bool ahead,
+                          const void* a, const void* b, const void* out, const F& f) {
+  if (!ahead) return f(off, len);
+  const int64_t chunk = kAheadChunkBytes / elem_size;
+  const auto first = reinterpret_cast<uintptr_t>(static_cast<const char*>(out) + off * elem_size);
+  int64_t l = chunk - int64_t(first % kAheadChunkBytes) / elem_size;
+  for (int64_t i = 0; i < len; i += l, l = chunk) {
+    l = std::min(l, len - i);
+    prefetch_span(static_cast<const char*>(a) + (off + S + i) * elem_size, l * elem_size);
+    if (b) prefetch_span(static_cast<const char*>(b) + (off + S + i) * elem_size, l * elem_size);
+    f(off + i, l);
+  }
+}
+
 constexpr int64_t kFusePlaneBytes = 4096;
 inline bool fused_planar(const BnShape& sh, int64_t bytes_per_value, int64_t elem_size) {
   return !sh.channels_last && sh.c >= kTasks && sh.n * sh.s * bytes_per_value <= kFuseBytes &&
@@ -890,38 +1014,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
     const FwdConstants<A> set_channels{wp, bp, sm, si, sv, m, scale, shift, beta, folded};
     if (training && fused_planar(sh, sizeof(scalar_t), sizeof(scalar_t))) {
       // Each channel's statistics, then its output, while the channel is in L2: x is read from
-      // memory once. The statistics merge in planar_reduce's order, so the results are the same.
+      // memory once (fused_channels).
       const Planar pl(sh);
       const bool nt = bn_stream(sh, 2, sizeof(scalar_t), yp);
-      const int64_t ahead = ahead_units(pl, sizeof(scalar_t));
-      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; ++c) {
-          MomentsAcc<A> acc;
-          for_channel_units(pl, c, [&](int64_t u) {
-            const int64_t next = u + pl.C * pl.segs;  // the same segment, next plane of channel c
-            if (next < pl.units)
-              prefetch_span(xp + pl.offset(next), pl.length(u) * sizeof(scalar_t));
-            acc.add(xp + pl.offset(u), pl.length(u));
-          });
-          const Moments mo = acc.result();
-          const double mean = mo.mean, var = mo.var(), invstd = 1.0 / std::sqrt(var + eps);
-          set_channels(c, mean, var, invstd);
-          int64_t pre = c + 1 < c1 ? ahead : 0;
-          for_channel_units(pl, c, [&](int64_t u) {
-            const int64_t off = pl.offset(u);
-            const int64_t len = pl.length(u);
-            if (pre-- > 0) prefetch_span(xp + off + pl.S, len * sizeof(scalar_t));
-            with_stream(nt, [&](auto tag) {
-              constexpr bool NT = decltype(tag)::value;
-              if (folded[c])
-                span_scale_shift<scalar_t, NT>(xp + off, yp + off, len, scale[c], beta[c]);
-              else
-                span_affine<scalar_t, NT>(xp + off, yp + off, len, m[c], scale[c], shift[c]);
+      const int64_t P = fuse_parts(pl, sizeof(scalar_t));
+      fused_channels<Moments>(
+          pl, P, pl.N * pl.S * int64_t(sizeof(scalar_t)) / P,
+          [&](int64_t c, int64_t n0, int64_t n1, bool prefetch) {
+            MomentsAcc<A> acc;
+            for_part_units(pl, c, n0, n1, [&](int64_t u, bool last) {
+              if (prefetch && !last)  // the same segment of the part's next plane
+                prefetch_span(xp + pl.offset(u + pl.C * pl.segs), pl.length(u) * sizeof(scalar_t));
+              acc.add(xp + pl.offset(u), pl.length(u));
+            });
+            return acc.result();
+          },
+          [&](int64_t c, const Moments* parts) {
+            Moments mo = parts[0];
+            for (int64_t q = 1; q < P; ++q) mo.merge(parts[q]);
+            const double mean = mo.mean, var = mo.var(), invstd = 1.0 / std::sqrt(var + eps);
+            set_channels(c, mean, var, invstd);
+          },
+          [&](int64_t c, int64_t n0, int64_t n1, bool ahead) {
+            for_part_units(pl, c, n0, n1, [&](int64_t u, bool) {
+              chunked_ahead(pl.offset(u), pl.length(u), pl.S, sizeof(scalar_t), ahead, xp,
+                            nullptr, yp, [&](int64_t off, int64_t len) {
+                with_stream(nt, [&](auto tag) {
+                  constexpr bool NT = decltype(tag)::value;
+                  if (folded[c])
+                    span_scale_shift<scalar_t, NT>(xp + off, yp + off, len, scale[c], beta[c]);
+                  else
+                    span_affine<scalar_t, NT>(xp + off, yp + off, len, m[c], scale[c], shift[c]);
+                });
+              });
             });
           });
-        }
-        stream_fence();
-      });
       return;
     }
     Scratch<double> invstd_buf, mean_buf, var_buf;
@@ -1004,41 +1131,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
     const bool need_sums = training || mask[1] || mask[2];
     if (need_sums && mask[0] && fused_planar(sh, 2 * sizeof(scalar_t), sizeof(scalar_t))) {
       // Each channel's sums, then its dx, while the channel's x and dy are in L2 (read from
-      // memory once). The sums merge in planar_reduce's order, so the results are the same.
+      // memory once; fused_channels).
       const Planar pl(sh);
       const bool nt = bn_stream(sh, training ? 3 : 2, sizeof(scalar_t), dxp);
-      const int64_t ahead = ahead_units(pl, 2 * sizeof(scalar_t));
-      at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; ++c) {
-          Sum2 sums;
-          for_channel_units(pl, c, [&](int64_t u) {
-            const int64_t next = u + pl.C * pl.segs;  // the same segment, next plane of channel c
-            if (next < pl.units) {
-              prefetch_span(xp + pl.offset(next), pl.length(u) * sizeof(scalar_t));
-              prefetch_span(gp + pl.offset(next), pl.length(u) * sizeof(scalar_t));
-            }
-            sums.merge(span_grad_sums(gp + pl.offset(u), xp + pl.offset(u), pl.length(u), mean[c]));
+      const int64_t P = fuse_parts(pl, 2 * sizeof(scalar_t));
+      fused_channels<Sum2>(
+          pl, P, pl.N * pl.S * int64_t(2 * sizeof(scalar_t)) / P,
+          [&](int64_t c, int64_t n0, int64_t n1, bool prefetch) {
+            Sum2 sums;
+            for_part_units(pl, c, n0, n1, [&](int64_t u, bool last) {
+              if (prefetch && !last) {  // the same segment of the part's next plane
+                const int64_t next = pl.offset(u + pl.C * pl.segs);
+                prefetch_span(xp + next, pl.length(u) * sizeof(scalar_t));
+                prefetch_span(gp + next, pl.length(u) * sizeof(scalar_t));
+              }
+              const int64_t off = pl.offset(u);
+              sums.merge(span_grad_sums(gp + off, xp + off, pl.length(u), mean[c]));
+            });
+            return sums;
+          },
+          [&](int64_t c, const Sum2* parts) {
+            Sum2 sums = parts[0];
+            for (int64_t q = 1; q < P; ++q) sums.merge(parts[q]);
+            set_channels(c, sums.sd, sums.sdd);
+          },
+          [&](int64_t c, int64_t n0, int64_t n1, bool ahead) {
+            const scalar_t* xc = training ? xp : nullptr;  // eval: dx = a * dy
+            const A bc = training ? b[c] : A(0), mc = training ? mean[c] : A(0),
+                    kc = training ? k[c] : A(0);
+            for_part_units(pl, c, n0, n1, [&](int64_t u, bool) {
+              chunked_ahead(pl.offset(u), pl.length(u), pl.S, sizeof(scalar_t), ahead, xp, gp,
+                            dxp, [&](int64_t off, int64_t len) {
+                const scalar_t* xu = xc ? xc + off : nullptr;
+                if (nt)
+                  span_dx<scalar_t, true>(gp + off, xu, dxp + off, len, a[c], bc, mc, kc);
+                else
+                  span_dx(gp + off, xu, dxp + off, len, a[c], bc, mc, kc);
+              });
+            });
           });
-          set_channels(c, sums.sd, sums.sdd);
-          const scalar_t* xc = training ? xp : nullptr;  // eval: dx = a * dy
-          const A bc = training ? b[c] : A(0), mc = training ? mean[c] : A(0),
-                  kc = training ? k[c] : A(0);
-          int64_t pre = c + 1 < c1 ? ahead : 0;
-          for_channel_units(pl, c, [&](int64_t u) {
-            const int64_t off = pl.offset(u);
-            if (pre-- > 0) {
-              prefetch_span(xp + off + pl.S, pl.length(u) * sizeof(scalar_t));
-              prefetch_span(gp + off + pl.S, pl.length(u) * sizeof(scalar_t));
-            }
-            const scalar_t* xu = xc ? xc + off : nullptr;
-            if (nt)
-              span_dx<scalar_t, true>(gp + off, xu, dxp + off, pl.length(u), a[c], bc, mc, kc);
-            else
-              span_dx(gp + off, xu, dxp + off, pl.length(u), a[c], bc, mc, kc);
-          });
-        }
-        stream_fence();
-      });
       return;
     }
     std::vector<double> s1(C, 0.0), s2(C, 0.0);
