@@ -635,7 +635,8 @@ def test_deterministic(shape, layout, dtype):
 
 # The fused NCHW passes (at least 64 channels, planes of 4 KB and more, a channel's inputs at most
 # 1 MB) cut each channel into parts that different threads take, meeting once a channel
-# (csrc/cpu/batch_norm.cpp: fuse_parts, fused_channels). Here 1 to 8 parts, over 1 to 8 threads:
+# (csrc/cpu/batch_norm.cpp: fuse_parts, fused_channels), with any number of channels. Here 1 to 8
+# parts, over 1 to 8 threads:
 # more threads than parts (several teams of threads), fewer (threads with several parts), more
 # threads than cores; and parts of planes over 65536 values (two segments a plane).
 FUSED_SPLIT = [
@@ -643,6 +644,8 @@ FUSED_SPLIT = [
     ((16, 64, 33, 64), torch.bfloat16),  # forward 1 part, backward 2
     ((16, 64, 33, 64), torch.float64),  # forward 4 parts, backward 8
     ((2, 64, 70001), torch.float32),  # forward 2 parts of one plane of two segments
+    ((16, 5, 33, 64), torch.float32),  # few channels: forward 2 parts, backward 4
+    ((3, 1, 40, 128), torch.bfloat16),  # one channel, one part
 ]
 
 
