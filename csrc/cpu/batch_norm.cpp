@@ -629,9 +629,10 @@ std::vector<R> planar_reduce(const Planar& pl, bool memory_order, const F& add,
 // all (threads share channels: fused_channels). This used to need 64 channels (whole channels a
 // thread); with parts, fewer channels measured faster fused than unfused, raw ops interleaved in
 // one process, medians: (32, 32, 56, 56) bf16 forward 1.35 -> 1.01 ms, backward 1.67 -> 1.44;
-// float32 2.01 -> 1.33, 2.64 -> 2.34; (8, 16, 64, 64) float32 0.158 -> 0.124, 0.219 -> 0.182. A channel's planes lie C * S apart: short planes
-// make the elementwise pass hop through memory, where the unfused one streams in memory order
-// (measured: (32, 256, 14, 14) float32 backward 0.66 ms unfused, 0.86 ms fused). Fused or not,
+// float32 2.01 -> 1.33, 2.64 -> 2.34; (8, 16, 64, 64) float32 0.158 -> 0.124, 0.219 -> 0.182.
+// A channel's planes lie C * S apart: short planes make the elementwise pass hop through memory,
+// where the unfused one streams in memory order (measured: (32, 256, 14, 14) float32 backward
+// 0.66 ms unfused, 0.86 ms fused). Fused or not,
 // the results depend on the shape alone (the fused path merges a channel's parts, see
 // fuse_parts, so its last bits can differ from the unfused path's).
 // The fused ops walk a channel plane by plane, each plane C * S values past the last: the
@@ -701,10 +702,11 @@ struct alignas(64) Progress {
   }
 };
 
-// The fused planar passes' driver. For each channel c:
+// The fused planar passes' driver (bytes_per_value: of the inputs, x or x and dy). For each
+// channel c, with P = fuse_parts:
 //   parts[p] = reduce(c, n0, n1, prefetch): part p's partial result, over planes [n0, n1) of c by
 //     n then segment (prefetch: fetch each next plane of the part while one is summed);
-//   finish(c, parts): merges the P partials in part order and sets c's constants;
+//   finish(c, parts, P): merges the P partials in part order and sets c's constants;
 //   apply(c, n0, n1, ahead): part p's elementwise pass (ahead: prefetch the same planes of c + 1).
 // The work items are (team, part): a team's items take a range of channels together, channel by
 // channel. The part-0 item's thread waits for the team's other parts, runs finish, and the others
@@ -714,14 +716,15 @@ struct alignas(64) Progress {
 // items are all running (or all in one chunk) and each waits only on its own team. Where the
 // chunks may queue (ATen's native thread pool), each item is a whole team: no thread waits then.
 template <typename R, typename Reduce, typename Finish, typename Apply>
-void fused_channels(const Planar& pl, int64_t parts, int64_t part_bytes, const Reduce& reduce,
+void fused_channels(const Planar& pl, int64_t bytes_per_value, const Reduce& reduce,
                     const Finish& finish, const Apply& apply) {
 #if AT_PARALLEL_OPENMP
   constexpr bool kSplit = true;
 #else
   constexpr bool kSplit = false;
 #endif
-  const int64_t C = pl.C, P = parts, width = kSplit ? P : 1;  // items a team
+  const int64_t C = pl.C, P = fuse_parts(pl, bytes_per_value), width = kSplit ? P : 1;
+  const int64_t part_bytes = pl.N * pl.S * bytes_per_value / P;
   const int64_t teams = std::clamp<int64_t>(at::get_num_threads() / width, 1, C);
   std::vector<R> partial(C * P);
   // per team: a counter per part (the team's channels whose partial is in), then one for finish
@@ -743,7 +746,7 @@ void fused_channels(const Planar& pl, int64_t parts, int64_t part_bytes, const R
         }
         if (p0 == 0) {
           for (int64_t q = p1; q < P; ++q) flag[q].wait(k);
-          finish(c, partial.data() + c * P);
+          finish(c, partial.data() + c * P, P);
           flag[P].raise(k);
         } else {
           flag[P].wait(k);
@@ -756,12 +759,23 @@ void fused_channels(const Planar& pl, int64_t parts, int64_t part_bytes, const R
   });
 }
 
-// f(u, last) over channel c's units of planes [n0, n1) in order (by n, then segment); last:
-// u is in plane n1 - 1.
+// f(u) over channel c's units of planes [n0, n1) in order (by n, then segment). Where prefetch,
+// the same segment of the next plane of the range (of a, and of b where not null; elem_size
+// bytes a value) is prefetched before each unit is visited.
 template <typename F>
-inline void for_part_units(const Planar& pl, int64_t c, int64_t n0, int64_t n1, const F& f) {
+inline void for_part_units(const Planar& pl, int64_t c, int64_t n0, int64_t n1, const F& f,
+                           bool prefetch = false, int64_t elem_size = 0,
+                           const void* a = nullptr, const void* b = nullptr) {
   for (int64_t n = n0; n < n1; ++n)
-    for (int64_t s = 0; s < pl.segs; ++s) f((n * pl.C + c) * pl.segs + s, n + 1 == n1);
+    for (int64_t s = 0; s < pl.segs; ++s) {
+      const int64_t u = (n * pl.C + c) * pl.segs + s;
+      if (prefetch && n + 1 < n1) {
+        const int64_t next = pl.offset(u + pl.C * pl.segs) * elem_size;
+        prefetch_span(static_cast<const char*>(a) + next, pl.length(u) * elem_size);
+        if (b) prefetch_span(static_cast<const char*>(b) + next, pl.length(u) * elem_size);
+      }
+      f(u);
+    }
 }
 // f(offset, length) over a unit's values in chunks, each chunk's values of the next channel
 // (S values on) prefetched first where ahead: the prefetches spread over the pass that writes,
@@ -1020,26 +1034,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
       // memory once (fused_channels).
       const Planar pl(sh);
       const bool nt = bn_stream(sh, 2, sizeof(scalar_t), yp);
-      const int64_t P = fuse_parts(pl, sizeof(scalar_t));
       fused_channels<Moments>(
-          pl, P, pl.N * pl.S * int64_t(sizeof(scalar_t)) / P,
+          pl, sizeof(scalar_t),
           [&](int64_t c, int64_t n0, int64_t n1, bool prefetch) {
             MomentsAcc<A> acc;
-            for_part_units(pl, c, n0, n1, [&](int64_t u, bool last) {
-              if (prefetch && !last)  // the same segment of the part's next plane
-                prefetch_span(xp + pl.offset(u + pl.C * pl.segs), pl.length(u) * sizeof(scalar_t));
-              acc.add(xp + pl.offset(u), pl.length(u));
-            });
+            for_part_units(
+                pl, c, n0, n1, [&](int64_t u) { acc.add(xp + pl.offset(u), pl.length(u)); },
+                prefetch, sizeof(scalar_t), xp);
             return acc.result();
           },
-          [&](int64_t c, const Moments* parts) {
+          [&](int64_t c, const Moments* parts, int64_t P) {
             Moments mo = parts[0];
             for (int64_t q = 1; q < P; ++q) mo.merge(parts[q]);
             const double mean = mo.mean, var = mo.var(), invstd = 1.0 / std::sqrt(var + eps);
             set_channels(c, mean, var, invstd);
           },
           [&](int64_t c, int64_t n0, int64_t n1, bool ahead) {
-            for_part_units(pl, c, n0, n1, [&](int64_t u, bool) {
+            for_part_units(pl, c, n0, n1, [&](int64_t u) {
               chunked_ahead(pl.offset(u), pl.length(u), pl.S, sizeof(scalar_t), ahead, xp,
                             nullptr, yp, [&](int64_t off, int64_t len) {
                 with_stream(nt, [&](auto tag) {
@@ -1137,23 +1148,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
       // memory once; fused_channels).
       const Planar pl(sh);
       const bool nt = bn_stream(sh, training ? 3 : 2, sizeof(scalar_t), dxp);
-      const int64_t P = fuse_parts(pl, 2 * sizeof(scalar_t));
       fused_channels<Sum2>(
-          pl, P, pl.N * pl.S * int64_t(2 * sizeof(scalar_t)) / P,
+          pl, 2 * sizeof(scalar_t),
           [&](int64_t c, int64_t n0, int64_t n1, bool prefetch) {
             Sum2 sums;
-            for_part_units(pl, c, n0, n1, [&](int64_t u, bool last) {
-              if (prefetch && !last) {  // the same segment of the part's next plane
-                const int64_t next = pl.offset(u + pl.C * pl.segs);
-                prefetch_span(xp + next, pl.length(u) * sizeof(scalar_t));
-                prefetch_span(gp + next, pl.length(u) * sizeof(scalar_t));
-              }
-              const int64_t off = pl.offset(u);
-              sums.merge(span_grad_sums(gp + off, xp + off, pl.length(u), mean[c]));
-            });
+            for_part_units(
+                pl, c, n0, n1,
+                [&](int64_t u) {
+                  const int64_t off = pl.offset(u);
+                  sums.merge(span_grad_sums(gp + off, xp + off, pl.length(u), mean[c]));
+                },
+                prefetch, sizeof(scalar_t), xp, gp);
             return sums;
           },
-          [&](int64_t c, const Sum2* parts) {
+          [&](int64_t c, const Sum2* parts, int64_t P) {
             Sum2 sums = parts[0];
             for (int64_t q = 1; q < P; ++q) sums.merge(parts[q]);
             set_channels(c, sums.sd, sums.sdd);
@@ -1162,7 +1170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
             const scalar_t* xc = training ? xp : nullptr;  // eval: dx = a * dy
             const A bc = training ? b[c] : A(0), mc = training ? mean[c] : A(0),
                     kc = training ? k[c] : A(0);
-            for_part_units(pl, c, n0, n1, [&](int64_t u, bool) {
+            for_part_units(pl, c, n0, n1, [&](int64_t u) {
               chunked_ahead(pl.offset(u), pl.length(u), pl.S, sizeof(scalar_t), ahead, xp, gp,
                             dxp, [&](int64_t off, int64_t len) {
                 const scalar_t* xu = xc ? xc + off : nullptr;
