@@ -638,7 +638,8 @@ std::vector<R> planar_reduce(const Planar& pl, bool memory_order, const F& add,
 // The fused ops walk a channel plane by plane, each plane C * S values past the last: the
 // hardware prefetchers lose the stream at every jump, and the first lines of each plane wait
 // on memory. So while one plane is summed, the next one of the part is prefetched into L2
-// (a prefetch a cache line), unless the whole part was prefetched ahead (fused_channels).
+// (a prefetch a cache line); this for a thread's first channel only: the later ones are
+// prefetched while the channel before is written (fused_channels).
 // Measured, interleaved with torch, (32, 64, 56, 56): bf16 forward 1.05-1.15x -> 1.29-1.33x
 // torch, backward 1.08-1.10x -> 1.19-1.25x; float32 forward 2.6-2.85x -> 3.0-3.2x, backward
 // unchanged (1.09-1.21x). Short planes (not fused, mostly in cache) gained nothing from it.
@@ -652,15 +653,14 @@ constexpr int64_t kFuseBytes = 1 << 20;
 // alone, each part's inputs at most kPartBytes where N allows), and the parts of a channel go to
 // different threads, which meet once a channel (fused_channels). A channel's statistics are its
 // parts' merged in part order, so the results depend on the shape only, not on the thread count.
-// What the split buys: a thread's share of a channel small enough that its share of the next
-// channel fits in L2 beside it, so while it writes one channel's output (from L2) it prefetches
-// the next one's, and its reads from memory overlap its arithmetic and its writes. With whole
-// channels a thread, a (32, 64, 56, 56) bf16 backward has 401 KB of x and dy a channel: two
-// overflow this machine's 512 KB L2, and the prefetch ahead measured no faster than none.
-// Measured, raw ops interleaved in one process, 2 threads, cache flushed before each call,
+// What the split buys: a thread's share of a channel small enough to stay in L2 from its summing
+// to its writing, with the next channel's share coming in, so that its reads from memory overlap
+// its arithmetic and its writes. With whole channels a thread (and each channel summed, then
+// written, before the next was read), a (32, 64, 56, 56) bf16 backward had 401 KB of x and dy a
+// channel: two overflow this machine's 512 KB L2, and the prefetch ahead measured no faster than
+// none. Measured, raw ops interleaved in one process, 2 threads, cache flushed before each call,
 // medians (whole channels -> parts): (32, 64, 56, 56) bf16 forward 1.53 -> 1.41 ms, backward
-// 2.63 -> 2.32; float32 forward 2.84 -> 2.61, backward 4.35 -> 4.28 (802 KB a channel: half of
-// one, twice, does not fit in L2 either, so no prefetch ahead).
+// 2.63 -> 2.32; float32 forward 2.84 -> 2.61, backward 4.35 -> 4.28.
 constexpr int64_t kPartBytes = 128 << 10;
 inline int64_t fuse_parts(const Planar& pl, int64_t bytes_per_value) {
   const int64_t channel = pl.N * pl.S * bytes_per_value;
@@ -702,63 +702,6 @@ struct alignas(64) Progress {
   }
 };
 
-// The fused planar passes' driver (bytes_per_value: of the inputs, x or x and dy). For each
-// channel c, with P = fuse_parts:
-//   parts[p] = reduce(c, n0, n1, prefetch): part p's partial result, over planes [n0, n1) of c by
-//     n then segment (prefetch: fetch each next plane of the part while one is summed);
-//   finish(c, parts, P): merges the P partials in part order and sets c's constants;
-//   apply(c, n0, n1, ahead): part p's elementwise pass (ahead: prefetch the same planes of c + 1).
-// The work items are (team, part): a team's items take a range of channels together, channel by
-// channel. The part-0 item's thread waits for the team's other parts, runs finish, and the others
-// wait for that. A thread that gets several items runs them in turn (items of one team together,
-// channel by channel). This needs every chunk of at::parallel_for running at once on a thread of
-// its own, as OpenMP's do: the chunks are contiguous ranges of items in team order, so a team's
-// items are all running (or all in one chunk) and each waits only on its own team. Where the
-// chunks may queue (ATen's native thread pool), each item is a whole team: no thread waits then.
-template <typename R, typename Reduce, typename Finish, typename Apply>
-void fused_channels(const Planar& pl, int64_t bytes_per_value, const Reduce& reduce,
-                    const Finish& finish, const Apply& apply) {
-#if AT_PARALLEL_OPENMP
-  constexpr bool kSplit = true;
-#else
-  constexpr bool kSplit = false;
-#endif
-  const int64_t C = pl.C, P = fuse_parts(pl, bytes_per_value), width = kSplit ? P : 1;
-  const int64_t part_bytes = pl.N * pl.S * bytes_per_value / P;
-  const int64_t teams = std::clamp<int64_t>(at::get_num_threads() / width, 1, C);
-  std::vector<R> partial(C * P);
-  // per team: a counter per part (the team's channels whose partial is in), then one for finish
-  std::unique_ptr<Progress[]> progress(new Progress[teams * (P + 1)]);
-  at::parallel_for(0, teams * width, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t t = i0 / width; t * width < i1; ++t) {
-      const int64_t p0 = kSplit ? std::max(i0, t * P) - t * P : 0;
-      const int64_t p1 = kSplit ? std::min(i1, (t + 1) * P) - t * P : P;
-      const int64_t c0 = t * C / teams, c1 = (t + 1) * C / teams;
-      Progress* flag = progress.get() + t * (P + 1);
-      // this thread's share of a channel, and of the next channel, fit in L2 together
-      const bool ahead = 2 * (p1 - p0) * part_bytes <= l2_bytes();
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t k = c - c0 + 1;  // the team's channels done, this one included
-        for (int64_t p = p0; p < p1; ++p) {
-          partial[c * P + p] =
-              reduce(c, part_n0(pl, P, p), part_n0(pl, P, p + 1), !ahead || c == c0);
-          flag[p].raise(k);
-        }
-        if (p0 == 0) {
-          for (int64_t q = p1; q < P; ++q) flag[q].wait(k);
-          finish(c, partial.data() + c * P, P);
-          flag[P].raise(k);
-        } else {
-          flag[P].wait(k);
-        }
-        for (int64_t p = p0; p < p1; ++p)
-          apply(c, part_n0(pl, P, p), part_n0(pl, P, p + 1), ahead && c + 1 < c1);
-      }
-    }
-    stream_fence();
-  });
-}
-
 // f(u) over channel c's units of planes [n0, n1) in order (by n, then segment). Where prefetch,
 // the same segment of the next plane of the range (of a, and of b where not null; elem_size
 // bytes a value) is prefetched before each unit is visited.
@@ -779,16 +722,21 @@ inline void for_part_units(const Planar& pl, int64_t c, int64_t n0, int64_t n1, 
 }
 // f(offset, length) over a unit's values in chunks, each chunk's values of the next channel
 // (S values on) prefetched first where ahead: the prefetches spread over the pass that writes,
-// instead of a burst a plane, which stalled it.
+// instead of a burst a plane, which stalled it (8-15% slower, measured over 256 B - 8 KB chunks).
 constexpr int64_t kAheadChunkBytes = 1024;
-// The chunks end where the output (out, written from off on) is kAheadChunkBytes-aligned, so that
-// non-temporal stores start every chunk but the first aligned.
+// Where the output is written with non-temporal stores (nt_out: the output, written from off on),
+// the chunks end where it is kAheadChunkBytes-aligned, so that every chunk but the first starts
+// aligned; otherwise they are counted from the unit's start. Either way every chunk boundary
+// falls between two whole vector steps of the unchunked loop (from the unit's start, or from its
+// first kStreamAlign-aligned value on), so each value takes the same arithmetic, vector or
+// scalar tail, as in one unchunked call: the output does not depend on whether it is chunked.
 template <typename F>
 inline void chunked_ahead(int64_t off, int64_t len, int64_t S, int64_t elem_size, bool ahead,
-                          const void* a, const void* b, const void* out, const F& f) {
+                          const void* a, const void* b, const void* nt_out, const F& f) {
   if (!ahead) return f(off, len);
   const int64_t chunk = kAheadChunkBytes / elem_size;
-  const auto first = reinterpret_cast<uintptr_t>(static_cast<const char*>(out) + off * elem_size);
+  const auto first =
+      nt_out ? reinterpret_cast<uintptr_t>(static_cast<const char*>(nt_out) + off * elem_size) : 0;
   int64_t l = chunk - int64_t(first % kAheadChunkBytes) / elem_size;
   for (int64_t i = 0; i < len; i += l, l = chunk) {
     l = std::min(l, len - i);
@@ -796,6 +744,116 @@ inline void chunked_ahead(int64_t off, int64_t len, int64_t S, int64_t elem_size
     if (b) prefetch_span(static_cast<const char*>(b) + (off + S + i) * elem_size, l * elem_size);
     f(off + i, l);
   }
+}
+
+// The arrays a fused pass streams: its inputs a (x) and b (dy, or null), elem_size bytes a value,
+// and its output where written with non-temporal stores (else null; see chunked_ahead).
+struct FusedIo {
+  int64_t elem_size;
+  const void* a;
+  const void* b;
+  const void* nt_out;
+  int64_t bytes_per_value() const { return elem_size * (b ? 2 : 1); }
+};
+
+// The fused planar passes' driver. For each channel c, with P = fuse_parts:
+//   add(acc, c, off, len): adds values [off, off + len) of channel c into acc (an Acc), one unit
+//     (plane segment) at a time, a part's units in order of n then segment;
+//   result(acc): a part's partial result (R) from its Acc;
+//   finish(c, parts, P): merges the P partials in part order and sets c's constants;
+//   apply(c, off, len): the elementwise pass over values [off, off + len) of channel c.
+// The work items are (team, part): a team's items take a range of channels together. Each
+// thread streams its share of the channels one after another, one step behind itself: in the
+// step of channel c it walks its planes of c, writing each plane's output (the inputs come from
+// L2) and then summing the same plane of c + 1 (from memory, prefetched in chunks while the
+// plane of c was written). So its reads and writes go on together, the whole way, and only about
+// one share of a channel need stay in L2 (the planes of c still to write plus those of c + 1
+// already summed). The thread whose parts of c + 1 arrive last merges that channel's partials
+// (finish) and raises the team's flag; a step starts once its channel is finished, which waits
+// only where a thread of the team is a whole step behind. Results are the same as summing a
+// channel's parts and then writing them: each part is summed in the same order, and merged in
+// part order.
+// Measured, raw ops interleaved in one process, 2 threads, cache flushed before each call,
+// medians over 50 rounds (each part summed then written -> this): (32, 64, 56, 56) bf16 forward
+// 1.81 -> 1.76 ms, backward 2.75 -> 2.70; float32 2.92 -> 2.82 and 4.91 -> 4.52; (32, 32, 56, 56)
+// bf16 1.33 -> 1.23 and 1.85 -> 1.78; (16, 128, 28, 28) bf16 0.82 -> 0.77 and 1.13 -> 1.05,
+// float32 1.18 -> 1.22 and 1.62 -> 1.52. Prefetching a plane further ahead, or summing two
+// channels ahead (slack for the wait, two shares in L2), measured no better.
+// This needs every chunk of at::parallel_for running at once on a thread of its own, as
+// OpenMP's do: the chunks are contiguous ranges of items in team order, so a team's items are
+// all running (or all in one chunk) and each waits only on its own team. Where the chunks may
+// queue (ATen's native thread pool), each item is a whole team: no thread waits then.
+template <typename R, typename Acc, typename Add, typename Result, typename Finish,
+          typename Apply>
+void fused_channels(const Planar& pl, const FusedIo& io, const Add& add, const Result& result,
+                    const Finish& finish, const Apply& apply) {
+#if AT_PARALLEL_OPENMP
+  constexpr bool kSplit = true;
+#else
+  constexpr bool kSplit = false;
+#endif
+  const int64_t C = pl.C, P = fuse_parts(pl, io.bytes_per_value()), width = kSplit ? P : 1;
+  const int64_t part_bytes = pl.N * pl.S * io.bytes_per_value() / P;
+  const int64_t teams = std::clamp<int64_t>(at::get_num_threads() / width, 1, C);
+  std::vector<R> partial(C * P);
+  // per team: the parts of its channels that have arrived (k * P once the team's first k
+  // channels are all in), then the channels finished
+  std::unique_ptr<Progress[]> progress(new Progress[teams * 2]);
+  at::parallel_for(0, teams * width, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t t = i0 / width; t * width < i1; ++t) {
+      const int64_t p0 = kSplit ? std::max(i0, t * P) - t * P : 0;
+      const int64_t p1 = kSplit ? std::min(i1, (t + 1) * P) - t * P : P;
+      const int64_t c0 = t * C / teams, c1 = (t + 1) * C / teams;
+      Progress& arrived = progress[2 * t];
+      Progress& finished = progress[2 * t + 1];
+      // Channel c's partials of this thread's parts are in; the last to arrive finishes c. No
+      // thread arrives with c + 1 before all have with c (a step waits for its channel).
+      auto arrive = [&](int64_t c) {
+        const int64_t k = c - c0 + 1;
+        if (arrived.v.fetch_add(p1 - p0, std::memory_order_acq_rel) + (p1 - p0) == k * P) {
+          finish(c, partial.data() + c * P, P);
+          finished.raise(k);
+        }
+      };
+      auto for_plane_units = [&](int64_t c, int64_t n, const auto& f) {
+        for (int64_t s = 0; s < pl.segs; ++s) f((n * pl.C + c) * pl.segs + s);
+      };
+      // the first channel: summed from memory, each next plane prefetched while one is summed
+      for (int64_t p = p0; p < p1; ++p) {
+        Acc acc;
+        for_part_units(
+            pl, c0, part_n0(pl, P, p), part_n0(pl, P, p + 1),
+            [&](int64_t u) { add(acc, c0, pl.offset(u), pl.length(u)); }, true, io.elem_size,
+            io.a, io.b);
+        partial[c0 * P + p] = result(acc);
+      }
+      arrive(c0);
+      // this thread's share of a channel fits in L2, with room for the chunks in flight
+      const int64_t share = (p1 - p0) * part_bytes;
+      const bool ahead = share + share / 4 <= l2_bytes();
+      for (int64_t c = c0; c < c1; ++c) {
+        finished.wait(c - c0 + 1);
+        const bool next = c + 1 < c1;
+        for (int64_t p = p0; p < p1; ++p) {
+          Acc acc;
+          for (int64_t n = part_n0(pl, P, p); n < part_n0(pl, P, p + 1); ++n) {
+            for_plane_units(c, n, [&](int64_t u) {
+              chunked_ahead(pl.offset(u), pl.length(u), pl.S, io.elem_size, ahead && next,
+                            io.a, io.b, io.nt_out,
+                            [&](int64_t off, int64_t len) { apply(c, off, len); });
+            });
+            if (next)
+              for_plane_units(c + 1, n, [&](int64_t u) {
+                add(acc, c + 1, pl.offset(u), pl.length(u));
+              });
+          }
+          if (next) partial[(c + 1) * P + p] = result(acc);
+        }
+        if (next) arrive(c + 1);
+      }
+    }
+    stream_fence();
+  });
 }
 
 constexpr int64_t kFusePlaneBytes = 4096;
@@ -1034,33 +1092,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
       // memory once (fused_channels).
       const Planar pl(sh);
       const bool nt = bn_stream(sh, 2, sizeof(scalar_t), yp);
-      fused_channels<Moments>(
-          pl, sizeof(scalar_t),
-          [&](int64_t c, int64_t n0, int64_t n1, bool prefetch) {
-            MomentsAcc<A> acc;
-            for_part_units(
-                pl, c, n0, n1, [&](int64_t u) { acc.add(xp + pl.offset(u), pl.length(u)); },
-                prefetch, sizeof(scalar_t), xp);
-            return acc.result();
-          },
+      fused_channels<Moments, MomentsAcc<A>>(
+          pl, FusedIo{sizeof(scalar_t), xp, nullptr, nt ? yp : nullptr},
+          [&](MomentsAcc<A>& acc, int64_t, int64_t off, int64_t len) { acc.add(xp + off, len); },
+          [](MomentsAcc<A>& acc) { return acc.result(); },
           [&](int64_t c, const Moments* parts, int64_t P) {
             Moments mo = parts[0];
             for (int64_t q = 1; q < P; ++q) mo.merge(parts[q]);
             const double mean = mo.mean, var = mo.var(), invstd = 1.0 / std::sqrt(var + eps);
             set_channels(c, mean, var, invstd);
           },
-          [&](int64_t c, int64_t n0, int64_t n1, bool ahead) {
-            for_part_units(pl, c, n0, n1, [&](int64_t u) {
-              chunked_ahead(pl.offset(u), pl.length(u), pl.S, sizeof(scalar_t), ahead, xp,
-                            nullptr, yp, [&](int64_t off, int64_t len) {
-                with_stream(nt, [&](auto tag) {
-                  constexpr bool NT = decltype(tag)::value;
-                  if (folded[c])
-                    span_scale_shift<scalar_t, NT>(xp + off, yp + off, len, scale[c], beta[c]);
-                  else
-                    span_affine<scalar_t, NT>(xp + off, yp + off, len, m[c], scale[c], shift[c]);
-                });
-              });
+          [&](int64_t c, int64_t off, int64_t len) {
+            with_stream(nt, [&](auto tag) {
+              constexpr bool NT = decltype(tag)::value;
+              if (folded[c])
+                span_scale_shift<scalar_t, NT>(xp + off, yp + off, len, scale[c], beta[c]);
+              else
+                span_affine<scalar_t, NT>(xp + off, yp + off, len, m[c], scale[c], shift[c]);
             });
           });
       return;
@@ -1148,38 +1196,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
       // memory once; fused_channels).
       const Planar pl(sh);
       const bool nt = bn_stream(sh, training ? 3 : 2, sizeof(scalar_t), dxp);
-      fused_channels<Sum2>(
-          pl, 2 * sizeof(scalar_t),
-          [&](int64_t c, int64_t n0, int64_t n1, bool prefetch) {
-            Sum2 sums;
-            for_part_units(
-                pl, c, n0, n1,
-                [&](int64_t u) {
-                  const int64_t off = pl.offset(u);
-                  sums.merge(span_grad_sums(gp + off, xp + off, pl.length(u), mean[c]));
-                },
-                prefetch, sizeof(scalar_t), xp, gp);
-            return sums;
+      fused_channels<Sum2, Sum2>(
+          pl, FusedIo{sizeof(scalar_t), xp, gp, nt ? dxp : nullptr},
+          [&](Sum2& sums, int64_t c, int64_t off, int64_t len) {
+            sums.merge(span_grad_sums(gp + off, xp + off, len, mean[c]));
           },
+          [](const Sum2& sums) { return sums; },
           [&](int64_t c, const Sum2* parts, int64_t P) {
             Sum2 sums = parts[0];
             for (int64_t q = 1; q < P; ++q) sums.merge(parts[q]);
             set_channels(c, sums.sd, sums.sdd);
           },
-          [&](int64_t c, int64_t n0, int64_t n1, bool ahead) {
-            const scalar_t* xc = training ? xp : nullptr;  // eval: dx = a * dy
+          [&](int64_t c, int64_t off, int64_t len) {
+            const scalar_t* xu = training ? xp + off : nullptr;  // eval: dx = a * dy
             const A bc = training ? b[c] : A(0), mc = training ? mean[c] : A(0),
                     kc = training ? k[c] : A(0);
-            for_part_units(pl, c, n0, n1, [&](int64_t u) {
-              chunked_ahead(pl.offset(u), pl.length(u), pl.S, sizeof(scalar_t), ahead, xp, gp,
-                            dxp, [&](int64_t off, int64_t len) {
-                const scalar_t* xu = xc ? xc + off : nullptr;
-                if (nt)
-                  span_dx<scalar_t, true>(gp + off, xu, dxp + off, len, a[c], bc, mc, kc);
-                else
-                  span_dx(gp + off, xu, dxp + off, len, a[c], bc, mc, kc);
-              });
-            });
+            if (nt)
+              span_dx<scalar_t, true>(gp + off, xu, dxp + off, len, a[c], bc, mc, kc);
+            else
+              span_dx(gp + off, xu, dxp + off, len, a[c], bc, mc, kc);
           });
       return;
     }
