@@ -769,16 +769,17 @@ struct FusedIo {
 // plane of c was written). So its reads and writes go on together, the whole way, and only about
 // one share of a channel need stay in L2 (the planes of c still to write plus those of c + 1
 // already summed). The thread whose parts of c + 1 arrive last merges that channel's partials
-// (finish) and raises the team's flag; a step starts once its channel is finished, which waits
-// only where a thread of the team is a whole step behind. Results are the same as summing a
-// channel's parts and then writing them: each part is summed in the same order, and merged in
-// part order.
+// (finish) and raises the team's flag; a step starts once its channel is finished, that is once
+// every thread of the team is done with the step before (the team still meets once a channel).
+// Results are the same as summing a channel's parts and then writing them: each part is summed
+// in the same order, and merged in part order.
 // Measured, raw ops interleaved in one process, 2 threads, cache flushed before each call,
 // medians over 50 rounds (each part summed then written -> this): (32, 64, 56, 56) bf16 forward
 // 1.81 -> 1.76 ms, backward 2.75 -> 2.70; float32 2.92 -> 2.82 and 4.91 -> 4.52; (32, 32, 56, 56)
 // bf16 1.33 -> 1.23 and 1.85 -> 1.78; (16, 128, 28, 28) bf16 0.82 -> 0.77 and 1.13 -> 1.05,
-// float32 1.18 -> 1.22 and 1.62 -> 1.52. Prefetching a plane further ahead, or summing two
-// channels ahead (slack for the wait, two shares in L2), measured no better.
+// float32 1.18 -> 1.22 and 1.62 -> 1.52. Prefetching a plane further ahead measured no better;
+// summing two channels ahead (a step of slack before each meeting, two shares in L2) made the
+// bf16 backward slower (2.10 -> 2.52 ms).
 // This needs every chunk of at::parallel_for running at once on a thread of its own, as
 // OpenMP's do: the chunks are contiguous ranges of items in team order, so a team's items are
 // all running (or all in one chunk) and each waits only on its own team. Where the chunks may
