@@ -633,10 +633,9 @@ def test_deterministic(shape, layout, dtype):
         torch.set_num_threads(threads)
 
 
-# The fused NCHW passes (at least 64 channels, planes of 4 KB and more, a channel's inputs at most
-# 1 MB) cut each channel into parts that different threads take, meeting once a channel
-# (csrc/cpu/batch_norm.cpp: fuse_parts, fused_channels), with any number of channels. Here 1 to 8
-# parts, over 1 to 8 threads:
+# The fused NCHW passes (planes of 4 KB and more, a channel's inputs at most 1 MB, any number of
+# channels) cut each channel into parts that different threads take, meeting once a channel
+# (csrc/cpu/batch_norm.cpp: fuse_parts, fused_channels). Here 1 to 8 parts, over 1 to 8 threads:
 # more threads than parts (several teams of threads), fewer (threads with several parts), more
 # threads than cores; and parts of planes over 65536 values (two segments a plane).
 FUSED_SPLIT = [

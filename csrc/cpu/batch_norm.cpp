@@ -10,14 +10,17 @@
 // Work split (see common.h for the layouts, and "work units" below):
 //   planar (NCHW):  units are (n, c) planes, cut into segments when huge; threads take whole
 //                   channels or ranges of units in memory order (planar_reduce says when);
-//                   results merge per channel in order of n, then of task.
+//                   results merge per channel in order of n, then of task. Long planes with a
+//                   channel of at most kFuseBytes run fused instead (fused_planar,
+//                   fused_channels): each channel cut into parts of planes that threads share,
+//                   the parts merged in part order.
 //   channels-last:  blocks of rows (about 256 KB each) of groups of up to 1024 channels, grouped
 //                   into at most kTasks tasks by shape alone; rows stream past in memory order
 //                   with per-channel accumulators in L1; task results merge per channel in task
 //                   order.
 // Both merge orders depend only on the shape, so results are bitwise reproducible whatever the
 // number of threads. Training forward reads x twice (statistics, then y) and backward reads
-// x and dy twice (sums, then dx).
+// x and dy twice (sums, then dx), from memory unless the pass is fused (then once).
 #include <ATen/Dispatch.h>
 #include <ATen/Config.h>
 #include <ATen/Parallel.h>
@@ -632,9 +635,9 @@ std::vector<R> planar_reduce(const Planar& pl, bool memory_order, const F& add,
 // float32 2.01 -> 1.33, 2.64 -> 2.34; (8, 16, 64, 64) float32 0.158 -> 0.124, 0.219 -> 0.182.
 // A channel's planes lie C * S apart: short planes make the elementwise pass hop through memory,
 // where the unfused one streams in memory order (measured: (32, 256, 14, 14) float32 backward
-// 0.66 ms unfused, 0.86 ms fused). Fused or not,
-// the results depend on the shape alone (the fused path merges a channel's parts, see
-// fuse_parts, so its last bits can differ from the unfused path's).
+// 0.66 ms unfused, 0.86 ms fused). Fused or not, the results depend on the shape alone (the
+// fused path merges a channel's parts, see fuse_parts, so its last bits can differ from the
+// unfused path's).
 // The fused ops walk a channel plane by plane, each plane C * S values past the last: the
 // hardware prefetchers lose the stream at every jump, and the first lines of each plane wait
 // on memory. So while one plane is summed, the next one of the part is prefetched into L2
@@ -816,9 +819,6 @@ void fused_channels(const Planar& pl, const FusedIo& io, const Add& add, const R
           finished.raise(k);
         }
       };
-      auto for_plane_units = [&](int64_t c, int64_t n, const auto& f) {
-        for (int64_t s = 0; s < pl.segs; ++s) f((n * pl.C + c) * pl.segs + s);
-      };
       // the first channel: summed from memory, each next plane prefetched while one is summed
       for (int64_t p = p0; p < p1; ++p) {
         Acc acc;
@@ -838,13 +838,13 @@ void fused_channels(const Planar& pl, const FusedIo& io, const Add& add, const R
         for (int64_t p = p0; p < p1; ++p) {
           Acc acc;
           for (int64_t n = part_n0(pl, P, p); n < part_n0(pl, P, p + 1); ++n) {
-            for_plane_units(c, n, [&](int64_t u) {
+            for_part_units(pl, c, n, n + 1, [&](int64_t u) {
               chunked_ahead(pl.offset(u), pl.length(u), pl.S, io.elem_size, ahead && next,
                             io.a, io.b, io.nt_out,
                             [&](int64_t off, int64_t len) { apply(c, off, len); });
             });
             if (next)
-              for_plane_units(c + 1, n, [&](int64_t u) {
+              for_part_units(pl, c + 1, n, n + 1, [&](int64_t u) {
                 add(acc, c + 1, pl.offset(u), pl.length(u));
               });
           }
