@@ -203,6 +203,85 @@ def test_nonfinite_at_plane_boundary(where, bad, dtype):
         check(name, others(ours), others(theirs), others(r), dtype, "fwd" if name == "y" else "bwd")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["x", "dy"])
+def test_nonfinite_fused(where, bad, dtype):
+    """NaN/Inf in x or dy of one channel, on the fused NCHW path (planes of 2304 values): its
+    outputs and grads are NaN and Inf where torch's are, the other channels are untouched. The
+    bfloat16 rounding there skips its NaN check for channels whose sums prove they hold no NaN
+    (nan_free_fwd, nan_free_bwd in csrc/cpu/batch_norm.cpp); this channel's must not."""
+    shape, c = (3, 4, 48, 48), 2
+    x, dy = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+    with torch.no_grad():
+        (x if where == "x" else dy)[1, c, 7, 30] = bad
+    w, b = torch.randn(4, dtype=dtype), torch.randn(4, dtype=dtype)
+    runs = []
+    for fn in (NF.batch_norm, F.batch_norm):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        y = fn(xs, None, None, ws, bs, True)
+        runs.append((y, *torch.autograd.grad(y, (xs, ws, bs), dy)))
+    keep = [k for k in range(4) if k != c]
+    for name, ours, theirs in zip(["y", "dx", "dw", "db"], *runs):
+        torch.testing.assert_close(torch.isnan(ours), torch.isnan(theirs), msg=name)
+        torch.testing.assert_close(torch.isinf(ours), torch.isinf(theirs), msg=name)
+        k = 1 if ours.dim() > 1 else 0
+        assert torch.isfinite(ours.index_select(k, torch.tensor(keep))).all(), name
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(
+    "shape, channels_last",  # fused NCHW, planes as one stream, channels-last rows, (N, C)
+    [((3, 4, 48, 48), False), ((4, 3, 5, 7), False), ((4, 20, 5, 7), True), ((64, 40), False)],
+    ids=str,
+)
+def test_bfloat16_nan_payload_params(shape, channels_last, training):
+    """A float32 weight or bias that is a NaN with a nonzero low half (0x7fffffff, 0x7fc0ffff)
+    on bfloat16 input: its channel's y and dx are NaN, as torch's. Rounded as a number such a NaN
+    turns into -0 or Inf (bf16_round_lanes), so the kernels keep the NaN check for any channel
+    whose constants are not all finite (finite_all in csrc/cpu/batch_norm.cpp)."""
+    g = torch.Generator().manual_seed(4)
+    c = shape[1]
+    x = torch.randn(shape, generator=g).bfloat16()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w, b = 1 + 0.1 * torch.randn(c, generator=g), 0.1 * torch.randn(c, generator=g)
+    w.view(torch.int32)[1] = 0x7FFFFFFF
+    b.view(torch.int32)[2] = 0x7FC0FFFF
+    w, b = w.requires_grad_(), b.requires_grad_()
+    rm, rv = torch.zeros(c), torch.ones(c)
+    dy = torch.randn(shape, generator=g).bfloat16()
+    runs = []
+    for fn in (NF.batch_norm, F.batch_norm):
+        y = fn(x, rm.clone(), rv.clone(), w, b, training)
+        runs.append((y, *torch.autograd.grad(y, (x,), dy)))
+    for name, ours, theirs in zip(["y", "dx"], *runs):
+        assert torch.isnan(theirs[:, 1]).all(), name
+        torch.testing.assert_close(torch.isnan(ours), torch.isnan(theirs), msg=name)
+        torch.testing.assert_close(torch.isinf(ours), torch.isinf(theirs), msg=name)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 48, 48), (4, 3, 5, 7)], ids=str)
+def test_bfloat16_overflow_to_inf(shape):
+    """bfloat16 outputs past bfloat16's range round to +-Inf as torch's do, also where the NaN
+    check is skipped (finite statistics; the fused path for (3, 4, 48, 48)): a weight of 3e38
+    takes outputs of |x_hat| = 1.4 past 3.39e38 and leaves those of 0.07 finite."""
+    g = torch.Generator().manual_seed(3)
+    levels = torch.tensor([-2.0, -0.1, 0.1, 2.0])
+    x = levels[torch.randint(0, 4, shape, generator=g)].bfloat16()
+    c = shape[1]
+    w = torch.full((c,), 3e38).bfloat16()
+    b = torch.zeros(c, dtype=torch.bfloat16)
+    ours = NF.batch_norm(x, None, None, w, b, training=True)
+    theirs = F.batch_norm(x, None, None, w, b, training=True)
+    assert torch.isinf(theirs).float().mean() > 0.3
+    torch.testing.assert_close(torch.isinf(ours), torch.isinf(theirs))
+    assert torch.equal(torch.sign(ours), torch.sign(theirs))
+    fin = torch.isfinite(theirs)
+    torch.testing.assert_close(ours[fin], theirs[fin], rtol=2 * 2**-8, atol=0)
+
+
 LAYOUT_CASES = (
     [((6, 5, 37), layout) for layout in LAYOUTS + ["channels_last"]]
     + [((0, 5, 37), "channels_last"), ((6, 5, 1), "channels_last")]

@@ -338,8 +338,9 @@ struct Rows {
 
   // out = a * g + b * (x - m) + k   (g == nullptr: out = (x - m) * b + k, the forward apply;
   //                                  x == nullptr: out = a * g, the eval backward)
-  // (NT: non-temporal stores, for rows that start kStreamAlign-aligned; see stream_output.)
-  template <bool NT = false>
+  // (NT: non-temporal stores, for rows that start kStreamAlign-aligned; see stream_output.
+  // NoNan: round without the NaN check, see finite_all.)
+  template <bool NT = false, bool NoNan = false>
   static void apply(const T* g, const T* x, T* out, int64_t C, const A* a, const A* b,
                     const A* m, const A* k) {
     int64_t j = 0;
@@ -358,7 +359,7 @@ struct Rows {
         r0 = at::vec::fmadd(g0, V::loadu(a + j), r0);
         r1 = at::vec::fmadd(g1, V::loadu(a + j + h), r1);
       }
-      P::template put_lanes<NT>(out + j, r0, r1);
+      P::template put_lanes<NT, NoNan>(out + j, r0, r1);
     }
     for (; j < C; ++j) {
       A r = 0;
@@ -373,7 +374,7 @@ struct Rows {
   // loop has. Measured, (4096, 1024) float32 eval, one thread: (x - m) form 2.9 ms, torch 2.5,
   // a plain copy 2.1. Only for channels whose mean is within kFoldOffset standard deviations of
   // 0 (see batch_norm_fwd): farther out, x * alpha and beta cancel and lose digits.
-  template <bool NT = false>
+  template <bool NT = false, bool NoNan = false>
   static void scale_shift(const T* x, T* out, int64_t C, const A* alpha, const A* beta) {
     const int64_t h = V::size();
     int64_t j = 0;
@@ -382,7 +383,7 @@ struct Rows {
       P::load_lanes(x + j, x0, x1);
       const V y0 = at::vec::fmadd(x0, V::loadu(alpha + j), V::loadu(beta + j));
       const V y1 = at::vec::fmadd(x1, V::loadu(alpha + j + h), V::loadu(beta + j + h));
-      P::template put_lanes<NT>(out + j, y0, y1);
+      P::template put_lanes<NT, NoNan>(out + j, y0, y1);
     }
     for (; j < C; ++j) out[j] = static_cast<T>(static_cast<A>(x[j]) * alpha[j] + beta[j]);
   }
@@ -749,6 +750,20 @@ inline void chunked_ahead(int64_t off, int64_t len, int64_t S, int64_t elem_size
   }
 }
 
+// Whether a bfloat16 elementwise pass may round without its NaN check (bf16_pack_lanes): where
+// the pass's float constants (a channel's m, scale, shift, beta; a, b, k) are all finite. The
+// check is there for NaNs whose low 16 bits are not all zero: rounded as numbers, they would
+// carry into the exponent and sign (0x7fffffff becomes -0). No other NaN reaches the rounding:
+// a bfloat16 value widened to float has a zero low half, NaN or not; x86's arithmetic returns
+// an operand's NaN (quieted, the payload kept) or its default NaN 0xffc00000, whose low half is
+// zero too; so a NaN with another low half can only come from a constant, say a float32 weight
+// of such a NaN. NaN and Inf inputs still give NaN and Inf, as before. The fused passes decide
+// per channel (finite_all), the others for all channels at once (all_finite over the arrays).
+template <typename A, typename... Rest>
+inline bool finite_all(A v, Rest... rest) {
+  return std::isfinite(v) && (std::isfinite(rest) && ...);
+}
+
 // The arrays a fused pass streams: its inputs a (x) and b (dy, or null), elem_size bytes a value,
 // and its output where written with non-temporal stores (else null; see chunked_ahead).
 struct FusedIo {
@@ -991,9 +1006,10 @@ void channel_grad_sums(const T* dy, const T* x, const BnShape& sh, const acc_t<T
 }
 
 // out = a[c] * g + b[c] * (x - m[c]) + k[c] elementwise, with g or x possibly absent (see Rows);
-// with non-temporal stores if NT. Planar forward (g absent) with m absent: out = x * b[c] + k[c],
-// the folded form (span_scale_shift).
-template <typename T, bool NT>
+// with non-temporal stores if NT, rounded without the NaN check if NoNan (see finite_all).
+// Planar forward (g absent) with m absent: out = x * b[c] + k[c], the folded form
+// (span_scale_shift).
+template <typename T, bool NT, bool NoNan = false>
 void channel_apply(const T* g, const T* x, T* out, const BnShape& sh, const acc_t<T>* a,
                    const acc_t<T>* b, const acc_t<T>* m, const acc_t<T>* k) {
   const int64_t C = sh.c;
@@ -1004,13 +1020,13 @@ void channel_apply(const T* g, const T* x, T* out, const BnShape& sh, const acc_
       at::parallel_for(0, pl.units, grain, [&](int64_t u0, int64_t u1) {
         const int64_t S = pl.S;
         if (g == nullptr && m == nullptr)
-          planes_map<T>(ScaleShiftOp<T>{b, k}, x, nullptr, out, u0, u1, S, C);
+          planes_map<T, NoNan>(ScaleShiftOp<T>{b, k}, x, nullptr, out, u0, u1, S, C);
         else if (g == nullptr)
-          planes_map<T>(AffineOp<T>{m, b, k}, x, nullptr, out, u0, u1, S, C);
+          planes_map<T, NoNan>(AffineOp<T>{m, b, k}, x, nullptr, out, u0, u1, S, C);
         else if (x == nullptr)
-          planes_map<T>(GradScaleOp<T>{a}, g, nullptr, out, u0, u1, S, C);
+          planes_map<T, NoNan>(GradScaleOp<T>{a}, g, nullptr, out, u0, u1, S, C);
         else
-          planes_map<T>(DxOp<T>{a, b, m, k}, g, x, out, u0, u1, S, C);
+          planes_map<T, NoNan>(DxOp<T>{a, b, m, k}, g, x, out, u0, u1, S, C);
       });
       return;
     }
@@ -1020,11 +1036,11 @@ void channel_apply(const T* g, const T* x, T* out, const BnShape& sh, const acc_
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t off = pl.offset(u), len = pl.length(u);
         if (g == nullptr && m == nullptr)
-          span_scale_shift<T, NT>(x + off, out + off, len, b[c], k[c]);
+          span_scale_shift<T, NT, NoNan>(x + off, out + off, len, b[c], k[c]);
         else if (g == nullptr)
-          span_affine<T, NT>(x + off, out + off, len, m[c], b[c], k[c]);
+          span_affine<T, NT, NoNan>(x + off, out + off, len, m[c], b[c], k[c]);
         else
-          span_dx<T, NT>(g + off, x == nullptr ? nullptr : x + off, out + off, len, a[c],
+          span_dx<T, NT, NoNan>(g + off, x == nullptr ? nullptr : x + off, out + off, len, a[c],
                          b == nullptr ? 0 : b[c], m == nullptr ? 0 : m[c],
                          k == nullptr ? 0 : k[c]);
         if (++s == pl.segs) {
@@ -1041,7 +1057,7 @@ void channel_apply(const T* g, const T* x, T* out, const BnShape& sh, const acc_
     m = to_lane_order<T>(m, C, lm);
     k = to_lane_order<T>(k, C, lk);
     for_rows(sh.n * sh.s, C, [&](int64_t r) {
-      Rows<T>::template apply<NT>(g == nullptr ? nullptr : g + r * C,
+      Rows<T>::template apply<NT, NoNan>(g == nullptr ? nullptr : g + r * C,
                                   x == nullptr ? nullptr : x + r * C, out + r * C, C, a, b, m, k);
     });
   }
@@ -1093,6 +1109,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
       // memory once (fused_channels).
       const Planar pl(sh);
       const bool nt = bn_stream(sh, 2, sizeof(scalar_t), yp);
+      Scratch<char> nan_free_buf;  // per channel: y rounds without the NaN check (finite_all)
+      char* nan_free = scratch(nan_free_buf, C);
       fused_channels<Moments, MomentsAcc<A>>(
           pl, FusedIo{sizeof(scalar_t), xp, nullptr, nt ? yp : nullptr},
           [&](MomentsAcc<A>& acc, int64_t, int64_t off, int64_t len) { acc.add(xp + off, len); },
@@ -1102,14 +1120,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
             for (int64_t q = 1; q < P; ++q) mo.merge(parts[q]);
             const double mean = mo.mean, var = mo.var(), invstd = 1.0 / std::sqrt(var + eps);
             set_channels(c, mean, var, invstd);
+            nan_free[c] = finite_all(m[c], scale[c], shift[c], beta[c]);
           },
           [&](int64_t c, int64_t off, int64_t len) {
             with_stream(nt, [&](auto tag) {
-              constexpr bool NT = decltype(tag)::value;
+              with_no_nan<scalar_t>(nan_free[c], [&](auto no_nan) {
+              constexpr bool NT = decltype(tag)::value, NN = decltype(no_nan)::value;
               if (folded[c])
-                span_scale_shift<scalar_t, NT>(xp + off, yp + off, len, scale[c], beta[c]);
+                span_scale_shift<scalar_t, NT, NN>(xp + off, yp + off, len, scale[c], beta[c]);
               else
-                span_affine<scalar_t, NT>(xp + off, yp + off, len, m[c], scale[c], shift[c]);
+                span_affine<scalar_t, NT, NN>(xp + off, yp + off, len, m[c], scale[c],
+                                              shift[c]);
+              });
             });
           });
       return;
@@ -1138,20 +1160,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
     for_channel_ranges(C, [&](int64_t c0, int64_t c1) { set_channels(c0, c1, mean, var, invstd); });
     if (x.numel() == 0) return;
     const bool fold = std::all_of(folded, folded + C, [](char f) { return f != 0; });
+    // every channel's constants finite: round without the NaN check (finite_all)
+    const bool no_nan = all_finite(C, scale) && (fold ? all_finite(C, beta)
+                                                      : all_finite(C, m) && all_finite(C, shift));
     with_stream(bn_stream(sh, 2, sizeof(scalar_t), yp), [&](auto nt) {
-      constexpr bool NT = decltype(nt)::value;
-      if (fold && !sh.channels_last) {
-        channel_apply<scalar_t, NT>(nullptr, xp, yp, sh, nullptr, scale, nullptr, beta);
-      } else if (fold) {
-        Scratch<A> ls, lb;
-        const A* sc = to_lane_order<scalar_t>(scale, C, ls);
-        const A* be = to_lane_order<scalar_t>(beta, C, lb);
-        for_rows(sh.n * sh.s, C, [&](int64_t r) {
-          Rows<scalar_t>::template scale_shift<NT>(xp + r * C, yp + r * C, C, sc, be);
-        });
-      } else {
-        channel_apply<scalar_t, NT>(nullptr, xp, yp, sh, nullptr, scale, m, shift);
-      }
+      with_no_nan<scalar_t>(no_nan, [&](auto nn) {
+        constexpr bool NT = decltype(nt)::value, NN = decltype(nn)::value;
+        if (fold && !sh.channels_last) {
+          channel_apply<scalar_t, NT, NN>(nullptr, xp, yp, sh, nullptr, scale, nullptr, beta);
+        } else if (fold) {
+          Scratch<A> ls, lb;
+          const A* sc = to_lane_order<scalar_t>(scale, C, ls);
+          const A* be = to_lane_order<scalar_t>(beta, C, lb);
+          for_rows(sh.n * sh.s, C, [&](int64_t r) {
+            Rows<scalar_t>::template scale_shift<NT, NN>(xp + r * C, yp + r * C, C, sc, be);
+          });
+        } else {
+          channel_apply<scalar_t, NT, NN>(nullptr, xp, yp, sh, nullptr, scale, m, shift);
+        }
+      });
     });
   });
   return {y, save_mean, save_invstd, batch_var};
@@ -1197,6 +1224,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
       // memory once; fused_channels).
       const Planar pl(sh);
       const bool nt = bn_stream(sh, training ? 3 : 2, sizeof(scalar_t), dxp);
+      Scratch<char> nan_free_buf;  // per channel: dx rounds without the NaN check (finite_all)
+      char* nan_free = scratch(nan_free_buf, C);
       fused_channels<Sum2, Sum2>(
           pl, FusedIo{sizeof(scalar_t), xp, gp, nt ? dxp : nullptr},
           [&](Sum2& sums, int64_t c, int64_t off, int64_t len) {
@@ -1207,15 +1236,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
             Sum2 sums = parts[0];
             for (int64_t q = 1; q < P; ++q) sums.merge(parts[q]);
             set_channels(c, sums.sd, sums.sdd);
+            nan_free[c] =
+                training ? finite_all(a[c], b[c], k[c], mean[c]) : finite_all(a[c]);
           },
           [&](int64_t c, int64_t off, int64_t len) {
             const scalar_t* xu = training ? xp + off : nullptr;  // eval: dx = a * dy
             const A bc = training ? b[c] : A(0), mc = training ? mean[c] : A(0),
                     kc = training ? k[c] : A(0);
-            if (nt)
-              span_dx<scalar_t, true>(gp + off, xu, dxp + off, len, a[c], bc, mc, kc);
-            else
-              span_dx(gp + off, xu, dxp + off, len, a[c], bc, mc, kc);
+            with_stream(nt, [&](auto tag) {
+              with_no_nan<scalar_t>(nan_free[c], [&](auto no_nan) {
+                constexpr bool NT = decltype(tag)::value, NN = decltype(no_nan)::value;
+                span_dx<scalar_t, NT, NN>(gp + off, xu, dxp + off, len, a[c], bc, mc, kc);
+              });
+            });
           });
       return;
     }
@@ -1225,9 +1258,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
       set_channels(c0, c1, s1.data(), s2.data());
     });
     if (!mask[0] || x.numel() == 0) return;
+    // every channel's constants finite: round without the NaN check (finite_all)
+    const bool no_nan =
+        all_finite(C, a) && (!training || (all_finite(C, b) && all_finite(C, k) &&
+                                           all_finite(C, mean)));
     with_stream(bn_stream(sh, training ? 3 : 2, sizeof(scalar_t), dxp), [&](auto nt) {
-      channel_apply<scalar_t, decltype(nt)::value>(
-          gp, training ? xp : nullptr, dxp, sh, a, b, training ? mean : nullptr, k);
+      with_no_nan<scalar_t>(no_nan, [&](auto nn) {
+        channel_apply<scalar_t, decltype(nt)::value, decltype(nn)::value>(
+            gp, training ? xp : nullptr, dxp, sh, a, b, training ? mean : nullptr, k);
+      });
     });
   });
   return {dx, dw, db};
