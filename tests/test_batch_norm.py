@@ -236,10 +236,10 @@ def test_nonfinite_fused(where, bad, dtype):
     ids=str,
 )
 def test_bfloat16_nan_payload_params(shape, channels_last, training):
-    """A float32 weight or bias that is a NaN with a nonzero low half (0x7fffffff, 0x7fc0ffff)
+    """A float32 weight or bias that is a NaN with a nonzero low half (0x7fffffff, 0xffffffff)
     on bfloat16 input: its channel's y and dx are NaN, as torch's. Rounded as a number such a NaN
-    turns into -0 or Inf (bf16_round_lanes), so the kernels keep the NaN check for any channel
-    whose constants are not all finite (finite_all in csrc/cpu/batch_norm.cpp)."""
+    turns into -0 or +0 (bf16_round_lanes), so the kernels keep the NaN check for any channel
+    whose constants are not all finite (finite_all in csrc/cpu/vec_utils.h)."""
     g = torch.Generator().manual_seed(4)
     c = shape[1]
     x = torch.randn(shape, generator=g).bfloat16()
@@ -248,7 +248,7 @@ def test_bfloat16_nan_payload_params(shape, channels_last, training):
     x.requires_grad_()
     w, b = 1 + 0.1 * torch.randn(c, generator=g), 0.1 * torch.randn(c, generator=g)
     w.view(torch.int32)[1] = 0x7FFFFFFF
-    b.view(torch.int32)[2] = 0x7FC0FFFF
+    b.view(torch.int32)[2] = -1  # 0xffffffff
     w, b = w.requires_grad_(), b.requires_grad_()
     rm, rv = torch.zeros(c), torch.ones(c)
     dy = torch.randn(shape, generator=g).bfloat16()

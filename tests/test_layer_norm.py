@@ -204,6 +204,35 @@ def test_empty(shape, normalized_shape, dtype):
     run_ln(shape, normalized_shape, dtype)
 
 
+@pytest.mark.parametrize("which", ["weight", "bias", "none"])
+@pytest.mark.parametrize("n", [40, 3000], ids=str)
+def test_bfloat16_nan_payload_params(n, which):
+    """A float32 weight or bias element that is a NaN with a nonzero low half (0x7fffffff,
+    0xffffffff) on bfloat16 input: y and dx are NaN where torch's are. Rounded as a number such
+    a NaN turns into -0 or +0 (bf16_round_lanes), so rows keep the NaN check unless the weight,
+    bias and the row's constants are all finite (finite_all in csrc/cpu/vec_utils.h). "none":
+    a bfloat16 NaN in x alone, which rounds right without the check."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(6, n, generator=g).bfloat16()
+    w, b = 1 + 0.1 * torch.randn(n, generator=g), 0.1 * torch.randn(n, generator=g)
+    if which == "weight":
+        w.view(torch.int32)[3] = 0x7FFFFFFF
+    elif which == "bias":
+        b.view(torch.int32)[5] = -1  # 0xffffffff
+    else:
+        x[2, 7] = float("nan")
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    dy = torch.randn(6, n, generator=g).bfloat16()
+    runs = []
+    for fn in (NF.layer_norm, F.layer_norm):
+        y = fn(x, (n,), w, b)
+        runs.append((y, *torch.autograd.grad(y, (x,), dy)))
+    for name, ours, theirs in zip(["y", "dx"], *runs):
+        assert torch.isnan(theirs).any() or (name, which) == ("dx", "bias"), name
+        torch.testing.assert_close(torch.isnan(ours), torch.isnan(theirs), msg=name)
+        torch.testing.assert_close(torch.isinf(ours), torch.isinf(theirs), msg=name)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_nonfinite_propagates(bad, dtype):

@@ -125,13 +125,6 @@ struct RowGrid {
 // accumulators. A block's (or task's) moments merge in with Chan et al.'s formula, whose
 // coefficients depend on the two counts alone, so they are computed once per merge and the
 // per-column work is a few multiplications (no division per column).
-// Whether v[0 .. w) are all finite (a loop the compiler vectorizes, unlike std::isfinite's).
-template <typename A>
-inline bool all_finite(int64_t w, const A* v) {
-  bool bad = false;
-  for (int64_t j = 0; j < w; ++j) bad |= !(std::fabs(v[j]) <= std::numeric_limits<A>::max());
-  return !bad;
-}
 
 struct ColMoments {
   double n = 0;
@@ -748,20 +741,6 @@ inline void chunked_ahead(int64_t off, int64_t len, int64_t S, int64_t elem_size
     if (b) prefetch_span(static_cast<const char*>(b) + (off + S + i) * elem_size, l * elem_size);
     f(off + i, l);
   }
-}
-
-// Whether a bfloat16 elementwise pass may round without its NaN check (bf16_pack_lanes): where
-// the pass's float constants (a channel's m, scale, shift, beta; a, b, k) are all finite. The
-// check is there for NaNs whose low 16 bits are not all zero: rounded as numbers, they would
-// carry into the exponent and sign (0x7fffffff becomes -0). No other NaN reaches the rounding:
-// a bfloat16 value widened to float has a zero low half, NaN or not; x86's arithmetic returns
-// an operand's NaN (quieted, the payload kept) or its default NaN 0xffc00000, whose low half is
-// zero too; so a NaN with another low half can only come from a constant, say a float32 weight
-// of such a NaN. NaN and Inf inputs still give NaN and Inf, as before. The fused passes decide
-// per channel (finite_all), the others for all channels at once (all_finite over the arrays).
-template <typename A, typename... Rest>
-inline bool finite_all(A v, Rest... rest) {
-  return std::isfinite(v) && (std::isfinite(rest) && ...);
 }
 
 // The arrays a fused pass streams: its inputs a (x) and b (dy, or null), elem_size bytes a value,

@@ -81,8 +81,9 @@ inline void row_moments(const T* x, int64_t n, double eps, double& mean, double&
 // lo = -(the mean's rounding error) * rstd corrects for the mean being rounded to acc_t (large
 // offsets); or, given beta (a row within kFoldOffset), the folded xhat = x * rstd + beta.
 // NT: y is written with non-temporal stores (y must then be kStreamAlign-aligned; see ln_stream).
-// w and b are in lane order (to_lane_order in vec_utils.h).
-template <typename T, bool NT = false>
+// NoNan: rounded without the NaN check (finite_all in vec_utils.h). w and b are in lane order
+// (to_lane_order in vec_utils.h).
+template <typename T, bool NT = false, bool NoNan = false>
 inline void row_forward(const T* x, T* y, int64_t n, acc_t<T> mean, acc_t<T> rstd, acc_t<T> lo,
                         const acc_t<T>* beta, const acc_t<T>* w, const acc_t<T>* b) {
   using P = VecPair<T>;
@@ -90,9 +91,9 @@ inline void row_forward(const T* x, T* y, int64_t n, acc_t<T> mean, acc_t<T> rst
   using V = typename P::V;
   if (w == nullptr && b == nullptr) {
     if (beta)
-      span_scale_shift<T, NT>(x, y, n, rstd, *beta);
+      span_scale_shift<T, NT, NoNan>(x, y, n, rstd, *beta);
     else
-      span_affine<T, NT>(x, y, n, mean, rstd, lo);
+      span_affine<T, NT, NoNan>(x, y, n, mean, rstd, lo);
     return;
   }
   const V vm(mean), vr(rstd), vlo(lo), one(A(1)), zero(A(0));
@@ -104,8 +105,8 @@ inline void row_forward(const T* x, T* y, int64_t n, acc_t<T> mean, acc_t<T> rst
       P::load_lanes(x + j, a, c);
       const V w0 = w ? V::loadu(w + j) : one, w1 = w ? V::loadu(w + j + h) : one;
       const V b0 = b ? V::loadu(b + j) : zero, b1 = b ? V::loadu(b + j + h) : zero;
-      P::template put_lanes<NT>(y + j, at::vec::fmadd(xhat(a), w0, b0),
-                                at::vec::fmadd(xhat(c), w1, b1));
+      P::template put_lanes<NT, NoNan>(y + j, at::vec::fmadd(xhat(a), w0, b0),
+                                       at::vec::fmadd(xhat(c), w1, b1));
     }
   };
   if (beta) {
@@ -151,7 +152,7 @@ inline acc_t<T> row_shift(const T* x, int64_t n, acc_t<T> mean, acc_t<T> rstd) {
 // Two passes over the row (it stays in L1): the sums of g, g * (x - mean) * rstd and x - mean
 // (for lo, see row_shift), then dx and the column sums together. w and the column sums are in
 // lane order (to_lane_order in vec_utils.h).
-template <typename T, bool NT = false>
+template <typename T, bool NT = false, bool NoNan = false>
 inline void row_backward(const T* dy, const T* x, T* dx, int64_t n, acc_t<T> mean, acc_t<T> rstd,
                          const acc_t<T>* w, acc_t<T>* dw_sum, acc_t<T>* db_sum,
                          bool first = false) {
@@ -208,7 +209,8 @@ inline void row_backward(const T* dy, const T* x, T* dx, int64_t n, acc_t<T> mea
         g0 = g0 * V::loadu(w + j);
         g1 = g1 * V::loadu(w + j + h);
       }
-      P::template put_lanes<NT>(dx + j, vr * (g0 - vc1 - xh0 * vc2), vr * (g1 - vc1 - xh1 * vc2));
+      P::template put_lanes<NT, NoNan>(dx + j, vr * (g0 - vc1 - xh0 * vc2),
+                                       vr * (g1 - vc1 - xh1 * vc2));
     }
     if (dw_sum != nullptr) {
       const V z(A(0));
@@ -294,6 +296,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
     const LaneParam<scalar_t> wl(weight, N), bl(bias, N);
     const A* wp = wl.ptr;
     const A* bp = bl.ptr;
+    // weight and bias finite: rows whose own constants are finite round without the NaN check
+    const bool wb_finite = (!wp || all_finite(N, wp)) && (!bp || all_finite(N, bp));
     with_stream(ln_stream(M, N, 2, sizeof(scalar_t), yp), [&](auto nt) {
       at::parallel_for(0, M, std::max<int64_t>(1, 8192 / std::max<int64_t>(N, 1)),
                        [&](int64_t r0, int64_t r1) {
@@ -305,8 +309,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
           const A lo = static_cast<A>(-(m - static_cast<double>(mp[r])) * rs);
           const A beta = static_cast<A>(-m * static_cast<double>(rp[r]));
           const bool folded = std::fabs(m) * rs <= kFoldOffset;
-          row_forward<scalar_t, decltype(nt)::value>(xp + r * N, yp + r * N, N, mp[r], rp[r], lo,
-                                                      folded ? &beta : nullptr, wp, bp);
+          with_no_nan<scalar_t>(wb_finite && finite_all(mp[r], rp[r], lo, beta), [&](auto nn) {
+            row_forward<scalar_t, decltype(nt)::value, decltype(nn)::value>(
+                xp + r * N, yp + r * N, N, mp[r], rp[r], lo, folded ? &beta : nullptr, wp, bp);
+          });
         }
         stream_fence();
       });
@@ -340,6 +346,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
     const A* rp = rstd_c.const_data_ptr<A>();
     const LaneParam<scalar_t> wl(weight, N);
     const A* wp = wl.ptr;
+    // weight finite: rows with a finite mean and rstd round dx without the NaN check (the row's
+    // other constants are sums of its values: finite_all in vec_utils.h)
+    const bool w_finite = !wp || all_finite(N, wp);
     const bool sums = mask[1] || mask[2];
     // At most kBlocks row blocks, and no more than one per kBlockValues values: a (64, 768)
     // backward with a block per row built 393 KB of partials, fresh pages from the kernel on
@@ -365,8 +374,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
           A* dbs = mask[2] ? part + blk * 2 * N + N : nullptr;
           const int64_t r0 = blk * M / blocks, r1 = (blk + 1) * M / blocks;
           for (int64_t r = r0; r < r1; ++r)
-            row_backward<scalar_t, NT>(gp + r * N, xp + r * N, dxp ? dxp + r * N : nullptr, N,
-                                       mp[r], rp[r], wp, dws, dbs, r == r0);
+            with_no_nan<scalar_t>(w_finite && finite_all(mp[r], rp[r]), [&](auto nn) {
+              row_backward<scalar_t, NT, decltype(nn)::value>(
+                  gp + r * N, xp + r * N, dxp ? dxp + r * N : nullptr, N, mp[r], rp[r], wp, dws,
+                  dbs, r == r0);
+            });
         }
         stream_fence();
       };
@@ -375,8 +387,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
       } else if (dxp != nullptr) {
         at::parallel_for(0, M, std::max<int64_t>(1, 8192 / N), [&](int64_t r0, int64_t r1) {
           for (int64_t r = r0; r < r1; ++r)
-            row_backward<scalar_t, NT>(gp + r * N, xp + r * N, dxp + r * N, N, mp[r], rp[r], wp,
-                                       nullptr, nullptr);
+            with_no_nan<scalar_t>(w_finite && finite_all(mp[r], rp[r]), [&](auto nn) {
+              row_backward<scalar_t, NT, decltype(nn)::value>(
+                  gp + r * N, xp + r * N, dxp + r * N, N, mp[r], rp[r], wp, nullptr, nullptr);
+            });
           stream_fence();
         });
       }
