@@ -1104,12 +1104,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
           [&](int64_t c, int64_t off, int64_t len) {
             with_stream(nt, [&](auto tag) {
               with_no_nan<scalar_t>(nan_free[c], [&](auto no_nan) {
-              constexpr bool NT = decltype(tag)::value, NN = decltype(no_nan)::value;
-              if (folded[c])
-                span_scale_shift<scalar_t, NT, NN>(xp + off, yp + off, len, scale[c], beta[c]);
-              else
-                span_affine<scalar_t, NT, NN>(xp + off, yp + off, len, m[c], scale[c],
-                                              shift[c]);
+                constexpr bool NT = decltype(tag)::value, NN = decltype(no_nan)::value;
+                if (folded[c])
+                  span_scale_shift<scalar_t, NT, NN>(xp + off, yp + off, len, scale[c],
+                                                     beta[c]);
+                else
+                  span_affine<scalar_t, NT, NN>(xp + off, yp + off, len, m[c], scale[c],
+                                                shift[c]);
               });
             });
           });
