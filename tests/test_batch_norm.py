@@ -208,9 +208,10 @@ def test_nonfinite_at_plane_boundary(where, bad, dtype):
 @pytest.mark.parametrize("where", ["x", "dy"])
 def test_nonfinite_fused(where, bad, dtype):
     """NaN/Inf in x or dy of one channel, on the fused NCHW path (planes of 2304 values): its
-    outputs and grads are NaN and Inf where torch's are, the other channels are untouched. The
-    bfloat16 rounding there skips its NaN check for channels whose sums prove they hold no NaN
-    (nan_free_fwd, nan_free_bwd in csrc/cpu/batch_norm.cpp); this channel's must not."""
+    outputs and grads are NaN and Inf where torch's are, the other channels are untouched. (The
+    bfloat16 rounding skips its NaN check where the channel's constants are finite; NaNs made
+    from bfloat16 inputs round right without it, so the check itself is covered by
+    test_bfloat16_nan_payload_params.)"""
     shape, c = (3, 4, 48, 48), 2
     x, dy = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
     with torch.no_grad():
@@ -265,7 +266,7 @@ def test_bfloat16_nan_payload_params(shape, channels_last, training):
 @pytest.mark.parametrize("shape", [(3, 4, 48, 48), (4, 3, 5, 7)], ids=str)
 def test_bfloat16_overflow_to_inf(shape):
     """bfloat16 outputs past bfloat16's range round to +-Inf as torch's do, also where the NaN
-    check is skipped (finite statistics; the fused path for (3, 4, 48, 48)): a weight of 3e38
+    check is skipped (finite constants; the fused path for (3, 4, 48, 48)): a weight of 3e38
     takes outputs of |x_hat| = 1.4 past 3.39e38 and leaves those of 0.07 finite."""
     g = torch.Generator().manual_seed(3)
     levels = torch.tensor([-2.0, -0.1, 0.1, 2.0])
