@@ -725,9 +725,10 @@ FUSED_SPLIT = [
     ((2, 64, 70001), torch.float32),  # forward 2 parts of one plane of two segments
     ((16, 5, 33, 64), torch.float32),  # few channels: forward 2 parts, backward 4
     ((3, 1, 40, 128), torch.bfloat16),  # one channel, one part
-    # planes of 28004 bytes (not whole 64-byte lines) and a thread's share of a channel that
-    # stays in L2 (the next channel prefetched in chunks while one is written) at some thread
-    # counts but not others: the output must not depend on the chunks
+    # planes of 28004 bytes (not whole 64-byte lines, so each output plane starts at another
+    # offset in its line) and over kChunk values: each written in the loop that sums the next
+    # channel's plane (Sidecar), but a thread's first channel summed alone, so which channels
+    # are summed which way depends on the thread count: the results must not
     ((16, 3, 7001), torch.float32),
 ]
 

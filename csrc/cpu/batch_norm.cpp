@@ -34,7 +34,6 @@
 #include <cmath>
 #include <limits>
 #include <thread>
-#include <unistd.h>
 #include <vector>
 
 #include "common.h"
@@ -668,18 +667,6 @@ inline int64_t fuse_parts(const Planar& pl, int64_t bytes_per_value) {
 // planes [part_n0(p), part_n0(p + 1)) of each channel are part p
 inline int64_t part_n0(const Planar& pl, int64_t parts, int64_t p) { return p * pl.N / parts; }
 
-// This core's L2 in bytes (the prefetch ahead must fit in it; 512 KB where it cannot be read).
-inline int64_t l2_bytes() {
-  static const int64_t bytes = [] {
-    long v = -1;
-#ifdef _SC_LEVEL2_CACHE_SIZE
-    v = sysconf(_SC_LEVEL2_CACHE_SIZE);
-#endif
-    return v > 0 ? int64_t{v} : int64_t{512} << 10;
-  }();
-  return bytes;
-}
-
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
   _mm_pause();
@@ -717,39 +704,11 @@ inline void for_part_units(const Planar& pl, int64_t c, int64_t n0, int64_t n1, 
       f(u);
     }
 }
-// f(offset, length) over a unit's values in chunks, each chunk's values of the next channel
-// (S values on) prefetched first where ahead: the prefetches spread over the pass that writes,
-// instead of a burst a plane, which stalled it (8-15% slower, measured over 256 B - 8 KB chunks).
-constexpr int64_t kAheadChunkBytes = 1024;
-// Where the output is written with non-temporal stores (nt_out: the output, written from off on),
-// the chunks end where it is kAheadChunkBytes-aligned, so that every chunk but the first starts
-// aligned; otherwise they are counted from the unit's start. Either way every chunk boundary
-// falls between two whole vector steps of the unchunked loop (from the unit's start, or from its
-// first kStreamAlign-aligned value on), so each value takes the same arithmetic, vector or
-// scalar tail, as in one unchunked call: the output does not depend on whether it is chunked.
-template <typename F>
-inline void chunked_ahead(int64_t off, int64_t len, int64_t S, int64_t elem_size, bool ahead,
-                          const void* a, const void* b, const void* nt_out, const F& f) {
-  if (!ahead) return f(off, len);
-  const int64_t chunk = kAheadChunkBytes / elem_size;
-  const auto first =
-      nt_out ? reinterpret_cast<uintptr_t>(static_cast<const char*>(nt_out) + off * elem_size) : 0;
-  int64_t l = chunk - int64_t(first % kAheadChunkBytes) / elem_size;
-  for (int64_t i = 0; i < len; i += l, l = chunk) {
-    l = std::min(l, len - i);
-    prefetch_span(static_cast<const char*>(a) + (off + S + i) * elem_size, l * elem_size);
-    if (b) prefetch_span(static_cast<const char*>(b) + (off + S + i) * elem_size, l * elem_size);
-    f(off + i, l);
-  }
-}
-
-// The arrays a fused pass streams: its inputs a (x) and b (dy, or null), elem_size bytes a value,
-// and its output where written with non-temporal stores (else null; see chunked_ahead).
+// The arrays a fused pass streams: its inputs a (x) and b (dy, or null), elem_size bytes a value.
 struct FusedIo {
   int64_t elem_size;
   const void* a;
   const void* b;
-  const void* nt_out;
   int64_t bytes_per_value() const { return elem_size * (b ? 2 : 1); }
 };
 
@@ -758,25 +717,35 @@ struct FusedIo {
 //     (plane segment) at a time, a part's units in order of n then segment;
 //   result(acc): a part's partial result (R) from its Acc;
 //   finish(c, parts, P): merges the P partials in part order and sets c's constants;
-//   apply(c, off, len): the elementwise pass over values [off, off + len) of channel c.
+//   apply(c, off, len, acc, off2, pf): the elementwise pass over values [off, off + len) of
+//     channel c; where acc is not null, in the same loop (a Sidecar of the reduction), adds
+//     values [off2, off2 + len) of channel c + 1 into acc, as add would, prefetching the values
+//     from pf on as it goes where pf >= 0 (the next plane of c + 1 to add).
 // The work items are (team, part): a team's items take a range of channels together. Each
 // thread streams its share of the channels one after another, one step behind itself: in the
 // step of channel c it walks its planes of c, writing each plane's output (the inputs come from
-// L2) and then summing the same plane of c + 1 (from memory, prefetched in chunks while the
-// plane of c was written). So its reads and writes go on together, the whole way, and only about
-// one share of a channel need stay in L2 (the planes of c still to write plus those of c + 1
-// already summed). The thread whose parts of c + 1 arrive last merges that channel's partials
-// (finish) and raises the team's flag; a step starts once its channel is finished, that is once
-// every thread of the team is done with the step before (the team still meets once a channel).
+// L2) while it sums the same plane of c + 1 (from memory, the plane after it prefetched). So its
+// reads, its arithmetic and its writes go on together, the whole way, and only about one share
+// of a channel need stay in L2 (the planes of c still to write plus those of c + 1 already
+// summed). The thread whose parts of c + 1 arrive last merges that channel's partials (finish)
+// and raises the team's flag; a step starts once its channel is finished, that is once every
+// thread of the team is done with the step before (the team still meets once a channel).
 // Results are the same as summing a channel's parts and then writing them: each part is summed
 // in the same order, and merged in part order.
 // Measured, raw ops interleaved in one process, 2 threads, cache flushed before each call,
-// medians over 50 rounds (each part summed then written -> this): (32, 64, 56, 56) bf16 forward
-// 1.81 -> 1.76 ms, backward 2.75 -> 2.70; float32 2.92 -> 2.82 and 4.91 -> 4.52; (32, 32, 56, 56)
-// bf16 1.33 -> 1.23 and 1.85 -> 1.78; (16, 128, 28, 28) bf16 0.82 -> 0.77 and 1.13 -> 1.05,
-// float32 1.18 -> 1.22 and 1.62 -> 1.52. Prefetching a plane further ahead measured no better;
-// summing two channels ahead (a step of slack before each meeting, two shares in L2) made the
+// medians over 50 rounds (each part summed then written -> a plane written, then the next
+// channel's plane summed): (32, 64, 56, 56) bf16 forward 1.81 -> 1.76 ms, backward 2.75 -> 2.70;
+// float32 2.92 -> 2.82 and 4.91 -> 4.52; (32, 32, 56, 56) bf16 1.33 -> 1.23 and 1.85 -> 1.78.
+// Summing two channels ahead (a step of slack before each meeting, two shares in L2) made the
 // bf16 backward slower (2.10 -> 2.52 ms).
+// Then (a plane written, then the next channel's plane summed -> both in one loop), medians of
+// 40, outputs bitwise the same, inputs warm in L3 / cache flushed: (32, 64, 56, 56) bf16 forward
+// 1.008 -> 0.977 / 1.203 -> 1.132 ms, backward 1.716 -> 1.485 / 2.091 -> 1.851; float32
+// forward 2.448 -> 2.036 / 2.569 -> 2.373, backward 4.221 -> 3.501 / 4.095 -> 3.596;
+// (32, 32, 56, 56) bf16 warm 0.775 -> 0.662 and 1.136 -> 0.974; (8, 16, 64, 64) float32 warm
+// 0.132 -> 0.119 and 0.205 -> 0.180. One after the other, a plane of each, the writes and the
+// sums had taken the sum of their times (the writes alone were 47% of a backward). Without the
+// prefetch of the next plane the one loop lost most of that (bf16 backward, warm 1.73 -> 2.02).
 // This needs every chunk of at::parallel_for running at once on a thread of its own, as
 // OpenMP's do: the chunks are contiguous ranges of items in team order, so a team's items are
 // all running (or all in one chunk) and each waits only on its own team. Where the chunks may
@@ -791,7 +760,6 @@ void fused_channels(const Planar& pl, const FusedIo& io, const Add& add, const R
   constexpr bool kSplit = false;
 #endif
   const int64_t C = pl.C, P = fuse_parts(pl, io.bytes_per_value()), width = kSplit ? P : 1;
-  const int64_t part_bytes = pl.N * pl.S * io.bytes_per_value() / P;
   const int64_t teams = std::clamp<int64_t>(at::get_num_threads() / width, 1, C);
   std::vector<R> partial(C * P);
   // per team: the parts of its channels that have arrived (k * P once the team's first k
@@ -823,25 +791,21 @@ void fused_channels(const Planar& pl, const FusedIo& io, const Add& add, const R
         partial[c0 * P + p] = result(acc);
       }
       arrive(c0);
-      // this thread's share of a channel fits in L2, with room for the chunks in flight
-      const int64_t share = (p1 - p0) * part_bytes;
-      const bool ahead = share + share / 4 <= l2_bytes();
       for (int64_t c = c0; c < c1; ++c) {
         finished.wait(c - c0 + 1);
         const bool next = c + 1 < c1;
         for (int64_t p = p0; p < p1; ++p) {
           Acc acc;
-          for (int64_t n = part_n0(pl, P, p); n < part_n0(pl, P, p + 1); ++n) {
-            for_part_units(pl, c, n, n + 1, [&](int64_t u) {
-              chunked_ahead(pl.offset(u), pl.length(u), pl.S, io.elem_size, ahead && next,
-                            io.a, io.b, io.nt_out,
-                            [&](int64_t off, int64_t len) { apply(c, off, len); });
-            });
-            if (next)
-              for_part_units(pl, c + 1, n, n + 1, [&](int64_t u) {
-                add(acc, c + 1, pl.offset(u), pl.length(u));
-              });
-          }
+          const int64_t n0 = part_n0(pl, P, p), n1 = part_n0(pl, P, p + 1);
+          for (int64_t n = n0; n < n1; ++n)
+            for (int64_t s = 0; s < pl.segs; ++s) {
+              // unit u of channel c; u + segs, the same of c + 1; u + (C + 1) * segs, that of
+              // the next plane
+              const int64_t u = (n * pl.C + c) * pl.segs + s;
+              const int64_t pf = next && n + 1 < n1 ? pl.offset(u + (pl.C + 1) * pl.segs) : -1;
+              apply(c, pl.offset(u), pl.length(u), next ? &acc : nullptr,
+                    pl.offset(u + pl.segs), pf);
+            }
           if (next) partial[(c + 1) * P + p] = result(acc);
         }
         if (next) arrive(c + 1);
@@ -1091,7 +1055,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
       Scratch<char> nan_free_buf;  // per channel: y rounds without the NaN check (finite_all)
       char* nan_free = scratch(nan_free_buf, C);
       fused_channels<Moments, MomentsAcc<A>>(
-          pl, FusedIo{sizeof(scalar_t), xp, nullptr, nt ? yp : nullptr},
+          pl, FusedIo{sizeof(scalar_t), xp, nullptr},
           [&](MomentsAcc<A>& acc, int64_t, int64_t off, int64_t len) { acc.add(xp + off, len); },
           [](MomentsAcc<A>& acc) { return acc.result(); },
           [&](int64_t c, const Moments* parts, int64_t P) {
@@ -1101,16 +1065,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
             set_channels(c, mean, var, invstd);
             nan_free[c] = finite_all(m[c], scale[c], shift[c], beta[c]);
           },
-          [&](int64_t c, int64_t off, int64_t len) {
+          // c's output; with acc, c + 1's next plane's moments in the same loop
+          [&](int64_t c, int64_t off, int64_t len, MomentsAcc<A>* acc, int64_t off2,
+              int64_t pf) {
             with_stream(nt, [&](auto tag) {
               with_no_nan<scalar_t>(nan_free[c], [&](auto no_nan) {
                 constexpr bool NT = decltype(tag)::value, NN = decltype(no_nan)::value;
+                auto run = [&](auto body) {
+                  Sidecar<scalar_t, NT, decltype(body)> side(body, len,
+                                                             pf < 0 ? nullptr : xp + pf);
+                  if (acc) acc->add(xp + off2, len, side);
+                  side.finish();
+                };
                 if (folded[c])
-                  span_scale_shift<scalar_t, NT, NN>(xp + off, yp + off, len, scale[c],
-                                                     beta[c]);
+                  run(scale_shift_body<scalar_t, NT, NN>(xp + off, yp + off, scale[c], beta[c]));
                 else
-                  span_affine<scalar_t, NT, NN>(xp + off, yp + off, len, m[c], scale[c],
-                                                shift[c]);
+                  run(affine_body<scalar_t, NT, NN>(xp + off, yp + off, m[c], scale[c],
+                                                    shift[c]));
               });
             });
           });
@@ -1207,7 +1178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
       Scratch<char> nan_free_buf;  // per channel: dx rounds without the NaN check (finite_all)
       char* nan_free = scratch(nan_free_buf, C);
       fused_channels<Sum2, Sum2>(
-          pl, FusedIo{sizeof(scalar_t), xp, gp, nt ? dxp : nullptr},
+          pl, FusedIo{sizeof(scalar_t), xp, gp},
           [&](Sum2& sums, int64_t c, int64_t off, int64_t len) {
             sums.merge(span_grad_sums(gp + off, xp + off, len, mean[c]));
           },
@@ -1219,14 +1190,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
             nan_free[c] =
                 training ? finite_all(a[c], b[c], k[c], mean[c]) : finite_all(a[c]);
           },
-          [&](int64_t c, int64_t off, int64_t len) {
-            const scalar_t* xu = training ? xp + off : nullptr;  // eval: dx = a * dy
+          // c's dx; with sums, c + 1's next plane's sums in the same loop
+          [&](int64_t c, int64_t off, int64_t len, Sum2* sums, int64_t off2, int64_t pf) {
             const A bc = training ? b[c] : A(0), mc = training ? mean[c] : A(0),
                     kc = training ? k[c] : A(0);
-            with_stream(nt, [&](auto tag) {
+            with_flags(nt, training, [&](auto tag, auto has_x) {
               with_no_nan<scalar_t>(nan_free[c], [&](auto no_nan) {
                 constexpr bool NT = decltype(tag)::value, NN = decltype(no_nan)::value;
-                span_dx<scalar_t, NT, NN>(gp + off, xu, dxp + off, len, a[c], bc, mc, kc);
+                constexpr bool X = decltype(has_x)::value;  // eval: dx = a * dy
+                Sidecar<scalar_t, NT, DxBody<scalar_t, NT, NN, X>> side(
+                    {gp + off, xp + off, dxp + off, a[c], bc, mc, kc}, len,
+                    pf < 0 ? nullptr : gp + pf, pf < 0 ? nullptr : xp + pf);
+                if (sums) sums->merge(span_grad_sums(gp + off2, xp + off2, len, mean[c + 1], side));
+                side.finish();
               });
             });
           });

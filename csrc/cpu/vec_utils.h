@@ -342,6 +342,10 @@ inline void with_stream(bool stream, const F& f) {
 // f(std::integral_constant<bool, a>, ...) for runtime flags a, b, c (and d): a loop written
 // with `if constexpr` on each flag is specialized per case, as with_stream does for one.
 template <typename F>
+inline void with_flags(bool a, bool b, const F& f) {
+  with_stream(a, [&](auto fa) { with_stream(b, [&](auto fb) { f(fa, fb); }); });
+}
+template <typename F>
 inline void with_flags(bool a, bool b, bool c, const F& f) {
   with_stream(a, [&](auto fa) {
     with_stream(b, [&](auto fb) { with_stream(c, [&](auto fc) { f(fa, fb, fc); }); });
@@ -629,15 +633,138 @@ inline acc_t<T> span_shift(const T* x, int64_t n) {
   return std::isfinite(m) ? m : plain_mean(x, n);
 }
 
+// ---- elementwise passes, alone or alongside a reduction ----------------------------------------
+//
+// An elementwise pass (y = f(x), or BatchNorm's dx) over n contiguous values: where the output is
+// written non-temporally (NT), value by value up to its first kStreamAlign-aligned value, then in
+// whole steps, then the tail as one more whole step overlapping the last (see tail_mask), or
+// value by value where NT. A Body gives the three kinds of work: one(i) for one value, step(i)
+// for the whole step at i (stored NT where NT), last(j) for the overlapping tail step (plain
+// stores), and `out`, the output.
+// Run alone (finish() straight away), this is the plain loop. A reduction can also take it
+// along, a step of each at a time (step()): the fused BatchNorm passes write a plane of one
+// channel while they sum the same plane of the next, and done in one loop the two kinds of work
+// overlap (the non-temporal stores drain while the sums compute; done one plane after the other,
+// they took the sum of their times). Each value gets the same arithmetic either way, so the
+// output does not depend on how the steps were interleaved. Where pf_a is not null, every step
+// that starts a new line also prefetches the line at the same offset of pf_a and pf_b (the
+// inputs the reduction reads next).
+template <typename T, bool NT, typename Body>
+struct Sidecar {
+  using P = VecPair<T>;
+  Body body;
+  int64_t n;
+  const T* pf_a = nullptr;
+  const T* pf_b = nullptr;
+  int64_t i = 0;
+  NORMEXT_INLINE Sidecar(const Body& b, int64_t n_, const T* pa = nullptr, const T* pb = nullptr)
+      : body(b), n(n_), pf_a(pa), pf_b(pb) {
+    if constexpr (NT)
+      for (; i < n && !stream_aligned(body.out + i); ++i) body.one(i);
+  }
+  NORMEXT_INLINE void step() {
+    if (i + P::kStep > n) return;
+    constexpr int64_t kLine = 64 / int64_t(sizeof(T));
+    if (pf_a != nullptr && i % kLine < P::kStep) {
+      __builtin_prefetch(pf_a + i, 0, 2);
+      if (pf_b != nullptr) __builtin_prefetch(pf_b + i, 0, 2);
+    }
+    body.step(i);
+    i += P::kStep;
+  }
+  NORMEXT_INLINE void finish() {
+    for (; i + P::kStep <= n; i += P::kStep) body.step(i);
+    if (!NT && n - i >= kVecTail && n >= P::kStep) {
+      body.last(n - P::kStep);
+      i = n;
+      return;
+    }
+    for (; i < n; ++i) body.one(i);
+  }
+};
+// No elementwise pass alongside: the reductions' default.
+struct NoSide {
+  int64_t i = 0;
+  NORMEXT_INLINE void step() {}
+};
+
+// y[i] = f(x[i]), f given for a vector of acc_t<T> (fv) and for one value (fs). NoNan: round
+// without the NaN check (VecPair::put_lanes).
+template <typename T, bool NT, bool NoNan, typename FV, typename FS>
+struct MapBody {
+  using P = VecPair<T>;
+  const T* x;
+  T* out;
+  FV fv;
+  FS fs;
+  NORMEXT_INLINE void one(int64_t i) const {
+    out[i] = static_cast<T>(fs(static_cast<acc_t<T>>(x[i])));
+  }
+  NORMEXT_INLINE void step(int64_t i) const {
+    typename P::V a, b;
+    P::load_lanes(x + i, a, b);
+    P::template put_lanes<NT, NoNan>(out + i, fv(a), fv(b));
+  }
+  NORMEXT_INLINE void last(int64_t j) const {
+    typename P::V a, b;
+    P::load_lanes(x + j, a, b);
+    P::template put_lanes<false>(out + j, fv(a), fv(b));
+  }
+};
+
+// BatchNorm's dx[i] = a * dy[i] + b * (x[i] - mean) + k (the per-channel constants of the
+// backward formula); without x (HasX false; evaluation), dx = a * dy.
+template <typename T, bool NT, bool NoNan, bool HasX>
+struct DxBody {
+  using P = VecPair<T>;
+  using A = acc_t<T>;
+  using V = typename P::V;
+  const T* dy;
+  const T* x;
+  T* out;
+  A a, b, mean, k;
+  V va, vb, vm, vk;
+  NORMEXT_INLINE DxBody(const T* dy_, const T* x_, T* out_, A a_, A b_, A mean_, A k_)
+      : dy(dy_), x(x_), out(out_), a(a_), b(b_), mean(mean_), k(k_), va(a_), vb(b_), vm(mean_),
+        vk(k_) {}
+  NORMEXT_INLINE void one(int64_t i) const {
+    const A g = static_cast<A>(dy[i]) * a;
+    out[i] = static_cast<T>(HasX ? g + (static_cast<A>(x[i]) - mean) * b + k : g);
+  }
+  template <bool S, bool NN>
+  NORMEXT_INLINE void put(int64_t i) const {
+    V g0, g1;
+    P::load_lanes(dy + i, g0, g1);
+    if constexpr (!HasX) {
+      P::template put_lanes<S, NN>(out + i, g0 * va, g1 * va);
+    } else {
+      V x0, x1;
+      P::load_lanes(x + i, x0, x1);
+      P::template put_lanes<S, NN>(out + i,
+                                   at::vec::fmadd(g0, va, at::vec::fmadd(x0 - vm, vb, vk)),
+                                   at::vec::fmadd(g1, va, at::vec::fmadd(x1 - vm, vb, vk)));
+    }
+  }
+  NORMEXT_INLINE void step(int64_t i) const { put<NT, NoNan>(i); }
+  NORMEXT_INLINE void last(int64_t j) const { put<false, false>(j); }
+};
+
 // The vector part of pass 2 over x[0, n): d = x - vm added into four lanes of sum(d) and sum(d*d)
 // (four independent accumulators, so the adds' latency does not bound the loop), the tail too
 // where n >= kStep (tail_mask). Returns where the vectors stopped; the caller adds what is left
 // (all of a span shorter than kStep).
-template <typename T, typename V>
-NORMEXT_INLINE int64_t pass2_lanes(const T* x, int64_t n, const V& vm, V (&d)[4], V (&q)[4]) {
+template <typename T, typename V, typename Side = NoSide>
+NORMEXT_INLINE int64_t pass2_lanes(const T* x, int64_t n, const V& vm, V (&d)[4], V (&q)[4],
+                                   Side&& side_ = NoSide{}) {
   using P = VecPair<T>;
+  // Locals, not d, q and side themselves: a vector store (the side's output) may alias any
+  // memory, so the compiler would store and reload them around every one.
+  V d0 = d[0], d1 = d[1], d2 = d[2], d3 = d[3], q0 = q[0], q1 = q[1], q2 = q[2], q3 = q[3];
+  std::remove_reference_t<Side> side = side_;
   int64_t i = 0;
   for (; i + 2 * P::kStep <= n; i += 2 * P::kStep) {
+    side.step();
+    side.step();
     V a, b, c, e;
     P::load_lanes(x + i, a, b);
     P::load_lanes(x + i + P::kStep, c, e);
@@ -645,24 +772,25 @@ NORMEXT_INLINE int64_t pass2_lanes(const T* x, int64_t n, const V& vm, V (&d)[4]
     b = b - vm;
     c = c - vm;
     e = e - vm;
-    d[0] += a;
-    d[1] += b;
-    d[2] += c;
-    d[3] += e;
-    q[0] = at::vec::fmadd(a, a, q[0]);
-    q[1] = at::vec::fmadd(b, b, q[1]);
-    q[2] = at::vec::fmadd(c, c, q[2]);
-    q[3] = at::vec::fmadd(e, e, q[3]);
+    d0 += a;
+    d1 += b;
+    d2 += c;
+    d3 += e;
+    q0 = at::vec::fmadd(a, a, q0);
+    q1 = at::vec::fmadd(b, b, q1);
+    q2 = at::vec::fmadd(c, c, q2);
+    q3 = at::vec::fmadd(e, e, q3);
   }
   for (; i + P::kStep <= n; i += P::kStep) {
+    side.step();
     V a, b;
     P::load_lanes(x + i, a, b);
     a = a - vm;
     b = b - vm;
-    d[0] += a;
-    d[1] += b;
-    q[0] = at::vec::fmadd(a, a, q[0]);
-    q[1] = at::vec::fmadd(b, b, q[1]);
+    d0 += a;
+    d1 += b;
+    q0 = at::vec::fmadd(a, a, q0);
+    q1 = at::vec::fmadd(b, b, q1);
   }
   if (n - i >= kVecTail && n >= P::kStep) {  // the tail as a masked whole step (see tail_mask)
     const acc_t<T>* mk = static_cast<const acc_t<T>*>(tail_mask<T>(n - i));
@@ -670,18 +798,20 @@ NORMEXT_INLINE int64_t pass2_lanes(const T* x, int64_t n, const V& vm, V (&d)[4]
     P::load_lanes(x + n - P::kStep, a, b);
     a = (a - vm) & V::loadu(mk);
     b = (b - vm) & V::loadu(mk + V::size());
-    d[2] += a;
-    d[3] += b;
-    q[2] = at::vec::fmadd(a, a, q[2]);
-    q[3] = at::vec::fmadd(b, b, q[3]);
+    d2 += a;
+    d3 += b;
+    q2 = at::vec::fmadd(a, a, q2);
+    q3 = at::vec::fmadd(b, b, q3);
     i = n;
   }
+  d[0] = d0, d[1] = d1, d[2] = d2, d[3] = d3, q[0] = q0, q[1] = q1, q[2] = q2, q[3] = q3;
+  side_.i = side.i;  // where the side got to
   return i;
 }
 
 // Pass 2 over n contiguous values with shift m.
-template <typename T>
-inline Sum2 span_pass2(const T* x, int64_t n, acc_t<T> m) {
+template <typename T, typename Side = NoSide>
+inline Sum2 span_pass2(const T* x, int64_t n, acc_t<T> m, Side&& side = NoSide{}) {
   using P = VecPair<T>;
   using A = typename P::A;
   using V = typename P::V;
@@ -690,7 +820,7 @@ inline Sum2 span_pass2(const T* x, int64_t n, acc_t<T> m) {
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t c1 = std::min(n, c0 + kChunk);
     V d[4] = {V(A(0)), V(A(0)), V(A(0)), V(A(0))}, q[4] = {V(A(0)), V(A(0)), V(A(0)), V(A(0))};
-    int64_t i = c0 + pass2_lanes(x + c0, c1 - c0, vm, d, q);
+    int64_t i = c0 + pass2_lanes(x + c0, c1 - c0, vm, d, q, side);
     A sd = hsum((d[0] + d[2]) + (d[1] + d[3])), sdd = hsum((q[0] + q[2]) + (q[1] + q[3]));
     for (; i < c1; ++i) {
       const A v = static_cast<A>(x[i]) - m;
@@ -737,9 +867,10 @@ inline Moments span_moments(const T* x, int64_t n) {
 // sum(d) and sum(d*d) (pass2_lanes) and the tail's sums dt, qt. pending_spill adds them into
 // double sums and clears them. MomentsAcc and short_spans_moments keep such lanes over at most
 // kChunk values, so no span takes a horizontal sum (which costs as much as a small plane).
-template <typename T, typename V, typename A>
-NORMEXT_INLINE void pending_add(const T* x, int64_t n, A m, V (&d)[4], V (&q)[4], A& dt, A& qt) {
-  int64_t i = pass2_lanes(x, n, V(m), d, q);
+template <typename T, typename V, typename A, typename Side = NoSide>
+NORMEXT_INLINE void pending_add(const T* x, int64_t n, A m, V (&d)[4], V (&q)[4], A& dt, A& qt,
+                                Side&& side = NoSide{}) {
+  int64_t i = pass2_lanes(x, n, V(m), d, q, side);
   for (; i < n; ++i) {
     const A v = static_cast<A>(x[i]) - m;
     dt += v;
@@ -784,8 +915,10 @@ struct MomentsAcc {
     sd = sdd = 0;
     pending = 0;
   }
-  template <typename T>
-  void add(const T* x, int64_t n) {
+  // Side: a Sidecar that takes a step along with each whole step of pass 2 (a span that takes
+  // both passes, a group's first, leaves all of it to the caller's finish()).
+  template <typename T, typename Side = NoSide>
+  void add(const T* x, int64_t n, Side&& side = NoSide{}) {
     if (n == 0) return;
     if (static_cast<double>(pending + n) > done.n) flush();
     if (pending == 0 && !running_shift(done, n, shift)) {
@@ -795,7 +928,7 @@ struct MomentsAcc {
     pending += n;
     if (n > kChunk) {
       spill();
-      const Sum2 s = span_pass2(x, n, shift);
+      const Sum2 s = span_pass2(x, n, shift, side);
       sd += s.sd;
       sdd += s.sdd;
       return;
@@ -805,7 +938,7 @@ struct MomentsAcc {
     // The lanes go through locals: summed into the members themselves, they stayed in memory,
     // a store and a load a vector (the compiler cannot keep a member array in registers).
     V dl[4] = {d[0], d[1], d[2], d[3]}, ql[4] = {q[0], q[1], q[2], q[3]};
-    pending_add(x, n, shift, dl, ql, dt, qt);
+    pending_add(x, n, shift, dl, ql, dt, qt, side);
     for (int k = 0; k < 4; ++k) {
       d[k] = dl[k];
       q[k] = ql[k];
@@ -864,65 +997,51 @@ inline Moments short_spans_moments(const T* x, int64_t stride, int64_t planes, i
   return done;
 }
 
-// y[i] = f(x[i]) over n contiguous values, f given for a vector of acc_t<T> (fv) and for one
-// value (fs). NT: y is written with non-temporal stores (from its first aligned value on).
-// NoNan: round without the NaN check (VecPair::put_lanes), here and in the span functions below.
-template <typename T, bool NT, bool NoNan = false, typename FV, typename FS>
-NORMEXT_INLINE void span_map(const T* x, T* y, int64_t n, const FV& fv, const FS& fs) {
-  using P = VecPair<T>;
-  using A = typename P::A;
-  using V = typename P::V;
-  auto one = [&](int64_t i) { y[i] = static_cast<T>(fs(static_cast<A>(x[i]))); };
-  int64_t i = 0;
-  if constexpr (NT)
-    for (; i < n && !stream_aligned(y + i); ++i) one(i);
-  for (; i + P::kStep <= n; i += P::kStep) {
-    V a, b;
-    P::load_lanes(x + i, a, b);
-    P::template put_lanes<NT, NoNan>(y + i, fv(a), fv(b));
-  }
-  // the tail as one more whole step, overlapping the last (see tail_mask)
-  if (!NT && n - i >= kVecTail && n >= P::kStep) {
-    V a, b;
-    P::load_lanes(x + n - P::kStep, a, b);
-    P::template put_lanes<false>(y + n - P::kStep, fv(a), fv(b));
-    return;
-  }
-  for (; i < n; ++i) one(i);
-}
-
 // y[i] = (x[i] - mean) * scale + shift over n contiguous values. Subtracting the mean first
 // keeps large offsets (mean 1e4, std 1e-2) exact where x * scale - mean * scale would cancel.
+template <typename T, bool NT, bool NoNan>
+NORMEXT_INLINE auto affine_body(const T* x, T* y, acc_t<T> mean, acc_t<T> scale, acc_t<T> shift) {
+  using V = typename VecPair<T>::V;
+  const V vm(mean), vs(scale), vb(shift);
+  auto fv = [vm, vs, vb](const V& v) { return at::vec::fmadd(v - vm, vs, vb); };
+  auto fs = [mean, scale, shift](acc_t<T> v) { return (v - mean) * scale + shift; };
+  return MapBody<T, NT, NoNan, decltype(fv), decltype(fs)>{x, y, fv, fs};
+}
 template <typename T, bool NT = false, bool NoNan = false>
 NORMEXT_INLINE void span_affine(const T* x, T* y, int64_t n, acc_t<T> mean, acc_t<T> scale,
                                 acc_t<T> shift) {
-  using V = typename VecPair<T>::V;
-  const V vm(mean), vs(scale), vb(shift);
-  span_map<T, NT, NoNan>(
-      x, y, n, [&](const V& v) { return at::vec::fmadd(v - vm, vs, vb); },
-      [&](acc_t<T> v) { return (v - mean) * scale + shift; });
+  auto body = affine_body<T, NT, NoNan>(x, y, mean, scale, shift);
+  Sidecar<T, NT, decltype(body)>(body, n).finish();
 }
 
 // y = x * scale + beta over n contiguous values: span_affine folded, for a channel or row whose
 // mean is within a few standard deviations of 0 (kFoldOffset in batch_norm.cpp and
 // layer_norm.cpp), where beta = shift - mean * scale loses nothing. One operation a vector less:
 // measured, bfloat16 (32, 512, 7, 7) and (32, 256, 14, 14) forward 5-10% faster, float32 as much.
-template <typename T, bool NT = false, bool NoNan = false>
-NORMEXT_INLINE void span_scale_shift(const T* x, T* y, int64_t n, acc_t<T> scale, acc_t<T> beta) {
+template <typename T, bool NT, bool NoNan>
+NORMEXT_INLINE auto scale_shift_body(const T* x, T* y, acc_t<T> scale, acc_t<T> beta) {
   using V = typename VecPair<T>::V;
   const V vs(scale), vb(beta);
-  span_map<T, NT, NoNan>(
-      x, y, n, [&](const V& v) { return at::vec::fmadd(v, vs, vb); },
-      [&](acc_t<T> v) { return v * scale + beta; });
+  auto fv = [vs, vb](const V& v) { return at::vec::fmadd(v, vs, vb); };
+  auto fs = [scale, beta](acc_t<T> v) { return v * scale + beta; };
+  return MapBody<T, NT, NoNan, decltype(fv), decltype(fs)>{x, y, fv, fs};
+}
+template <typename T, bool NT = false, bool NoNan = false>
+NORMEXT_INLINE void span_scale_shift(const T* x, T* y, int64_t n, acc_t<T> scale, acc_t<T> beta) {
+  auto body = scale_shift_body<T, NT, NoNan>(x, y, scale, beta);
+  Sidecar<T, NT, decltype(body)>(body, n).finish();
 }
 
 // Sums of dy and dy * (x - mean) over n contiguous values (the two per-group sums that the
-// backward needs), chunked into double like pass 2.
-template <typename T>
-NORMEXT_INLINE Sum2 span_grad_sums(const T* dy, const T* x, int64_t n, acc_t<T> mean) {
+// backward needs), chunked into double like pass 2. A step of `side` (Sidecar) goes along with
+// each whole step.
+template <typename T, typename Side = NoSide>
+NORMEXT_INLINE Sum2 span_grad_sums(const T* dy, const T* x, int64_t n, acc_t<T> mean,
+                                   Side&& side_ = NoSide{}) {
   using P = VecPair<T>;
   using A = typename P::A;
   using V = typename P::V;
+  std::remove_reference_t<Side> side = side_;  // a local: see pass2_lanes
   Sum2 out;
   const V vm(mean);
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
@@ -930,6 +1049,7 @@ NORMEXT_INLINE Sum2 span_grad_sums(const T* dy, const T* x, int64_t n, acc_t<T> 
     V g0(A(0)), g1(A(0)), p0(A(0)), p1(A(0));
     int64_t i = c0;
     for (; i + P::kStep <= c1; i += P::kStep) {
+      side.step();
       V ga, gb, a, b;
       P::load_lanes(dy + i, ga, gb);
       P::load_lanes(x + i, a, b);
@@ -962,6 +1082,7 @@ NORMEXT_INLINE Sum2 span_grad_sums(const T* dy, const T* x, int64_t n, acc_t<T> 
     out.sd += sg;
     out.sdd += sp;
   }
+  side_.i = side.i;  // where the side got to
   return out;
 }
 
@@ -971,50 +1092,10 @@ NORMEXT_INLINE Sum2 span_grad_sums(const T* dy, const T* x, int64_t n, acc_t<T> 
 template <typename T, bool NT = false, bool NoNan = false>
 NORMEXT_INLINE void span_dx(const T* dy, const T* x, T* dx, int64_t n, acc_t<T> a, acc_t<T> b,
                             acc_t<T> mean, acc_t<T> k) {
-  using P = VecPair<T>;
-  using A = typename P::A;
-  using V = typename P::V;
-  const V va(a), vb(b), vm(mean), vk(k);
-  auto one = [&](int64_t i) {
-    const A g = static_cast<A>(dy[i]) * a;
-    dx[i] = static_cast<T>(x == nullptr ? g : g + (static_cast<A>(x[i]) - mean) * b + k);
-  };
-  int64_t i = 0;
-  if constexpr (NT)
-    for (; i < n && !stream_aligned(dx + i); ++i) one(i);
-  if (x == nullptr) {
-    for (; i + P::kStep <= n; i += P::kStep) {
-      V g0, g1;
-      P::load_lanes(dy + i, g0, g1);
-      P::template put_lanes<NT, NoNan>(dx + i, g0 * va, g1 * va);
-    }
-  } else {
-    for (; i + P::kStep <= n; i += P::kStep) {
-      V g0, g1, x0, x1;
-      P::load_lanes(dy + i, g0, g1);
-      P::load_lanes(x + i, x0, x1);
-      P::template put_lanes<NT, NoNan>(dx + i,
-                                       at::vec::fmadd(g0, va, at::vec::fmadd(x0 - vm, vb, vk)),
-                                       at::vec::fmadd(g1, va, at::vec::fmadd(x1 - vm, vb, vk)));
-    }
-  }
-  // the tail as one more whole step, overlapping the last (see tail_mask)
-  if (!NT && n - i >= kVecTail && n >= P::kStep) {
-    const int64_t j = n - P::kStep;
-    V g0, g1;
-    P::load_lanes(dy + j, g0, g1);
-    if (x == nullptr) {
-      P::template put_lanes<false>(dx + j, g0 * va, g1 * va);
-    } else {
-      V x0, x1;
-      P::load_lanes(x + j, x0, x1);
-      P::template put_lanes<false>(dx + j,
-                                   at::vec::fmadd(g0, va, at::vec::fmadd(x0 - vm, vb, vk)),
-                                   at::vec::fmadd(g1, va, at::vec::fmadd(x1 - vm, vb, vk)));
-    }
-    return;
-  }
-  for (; i < n; ++i) one(i);
+  if (x == nullptr)
+    Sidecar<T, NT, DxBody<T, NT, NoNan, false>>({dy, x, dx, a, b, mean, k}, n).finish();
+  else
+    Sidecar<T, NT, DxBody<T, NT, NoNan, true>>({dy, x, dx, a, b, mean, k}, n).finish();
 }
 
 // ---- short planes as one stream ----------------------------------------------------------------
@@ -1024,15 +1105,15 @@ NORMEXT_INLINE void span_dx(const T* dy, const T* x, T* dx, int64_t n, acc_t<T> 
 // plane: the steps inside a plane take its channel's constants; the one step that straddles two
 // planes takes the first plane's constants in the lanes of its values and the next plane's in
 // the others (a blend with tail_mask); the run's last step overlaps the one before it (as in
-// span_map). Each value gets the same arithmetic with its own channel's constants as the span
-// loops give it, so the results are the same. Walked plane by plane, a (32, 256, 14, 14)
+// Sidecar::finish). Each value gets the same arithmetic with its own channel's constants as the
+// span loops give it, so the results are the same. Walked plane by plane, a (32, 256, 14, 14)
 // bfloat16 apply paid a loop entry, a partial step and its constants every 196 values: measured,
 // one thread, eval forward 0.193 ns a value, against 0.138 for 56 x 56 planes. Raw ops, 2
 // threads, interleaved in one process, plane by plane -> planes_map (with planes_grad_sums for
 // the backward's sums), quartile ms: bf16 (32, 256, 14, 14) eval forward 0.196 -> 0.146,
 // training forward 0.306 -> 0.251, backward 0.406 -> 0.367; (32, 512, 7, 7) 0.176 -> 0.092,
 // 0.295 -> 0.205, 0.379 -> 0.314; float32 and float16 7-34% faster at both shapes.
-// Needs S >= kStep (a step straddles at most two planes). NoNan: as span_map. Op gives kIn
+// Needs S >= kStep (a step straddles at most two planes). NoNan: as MapBody. Op gives kIn
 // (1: in0 only; 2: in0 and in1), kK constants per channel (consts(c, k) broadcasts them) and the
 // map (vec).
 template <typename T, bool NoNan = false, typename Op>
