@@ -638,9 +638,10 @@ inline acc_t<T> span_shift(const T* x, int64_t n) {
 // An elementwise pass (y = f(x), or BatchNorm's dx) over n contiguous values: where the output is
 // written non-temporally (NT), value by value up to its first kStreamAlign-aligned value, then in
 // whole steps, then the tail as one more whole step overlapping the last (see tail_mask), or
-// value by value where NT. A Body gives the three kinds of work: one(i) for one value, step(i)
-// for the whole step at i (stored NT where NT), last(j) for the overlapping tail step (plain
-// stores), and `out`, the output.
+// value by value where NT or where the Body does not allow it (kOverlapTail false: a body that
+// also adds into sums, which must see each value once). A Body gives the three kinds of work:
+// one(i) for one value, step(i) for the whole step at i (stored NT where NT), last(j) for the
+// overlapping tail step (plain stores), and `out`, the output.
 // Run alone (finish() straight away), this is the plain loop. A reduction can also take it
 // along, a step of each at a time (step()): the fused BatchNorm passes write a plane of one
 // channel while they sum the same plane of the next, and done in one loop the two kinds of work
@@ -674,7 +675,7 @@ struct Sidecar {
   }
   NORMEXT_INLINE void finish() {
     for (; i + P::kStep <= n; i += P::kStep) body.step(i);
-    if (!NT && n - i >= kVecTail && n >= P::kStep) {
+    if (!NT && Body::kOverlapTail && n - i >= kVecTail && n >= P::kStep) {
       body.last(n - P::kStep);
       i = n;
       return;
@@ -693,6 +694,7 @@ struct NoSide {
 template <typename T, bool NT, bool NoNan, typename FV, typename FS>
 struct MapBody {
   using P = VecPair<T>;
+  static constexpr bool kOverlapTail = true;
   const T* x;
   T* out;
   FV fv;
@@ -717,6 +719,7 @@ struct MapBody {
 template <typename T, bool NT, bool NoNan, bool HasX>
 struct DxBody {
   using P = VecPair<T>;
+  static constexpr bool kOverlapTail = true;
   using A = acc_t<T>;
   using V = typename P::V;
   const T* dy;
