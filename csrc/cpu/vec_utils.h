@@ -665,11 +665,12 @@ struct Sidecar {
   }
   NORMEXT_INLINE void step() {
     if (i + P::kStep > n) return;
-    constexpr int64_t kLine = 64 / int64_t(sizeof(T));
-    if (pf_a != nullptr && i % kLine < P::kStep) {
-      __builtin_prefetch(pf_a + i, 0, 2);
-      if (pf_b != nullptr) __builtin_prefetch(pf_b + i, 0, 2);
-    }
+    constexpr int64_t kLine = 64 / int64_t(sizeof(T));  // values a cache line
+    if (pf_a != nullptr && i % kLine < P::kStep)
+      for (int64_t o = 0; o < P::kStep; o += kLine) {  // AVX-512 float32: two lines a step
+        __builtin_prefetch(pf_a + i + o, 0, 2);
+        if (pf_b != nullptr) __builtin_prefetch(pf_b + i + o, 0, 2);
+      }
     body.step(i);
     i += P::kStep;
   }
