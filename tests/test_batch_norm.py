@@ -852,6 +852,49 @@ def test_output_accuracy_across_offsets(layout, training):
         assert (err <= 32 * torch.finfo(torch.float32).eps).all(), (offsets, err)
 
 
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("layout", ["nc", "channels_last", "nchw", "nchw_fused"])
+def test_backward_accuracy_across_offsets(layout, dtype):
+    """bfloat16 and float16 training backwards fold (csrc/cpu/batch_norm.cpp, kFoldBackward)
+    where every channel's mean lies within a few standard deviations of 0: the sums take
+    dy * x, less mean * sum(dy), and dx = a * dy + b * x + (k - b * mean). Planar layouts only
+    ("nc" and "nchw": planes of 1 and 117 values; "nchw_fused": planes of 2304, the fused path);
+    channels_last never folds. Folded or not (a channel 20 and more deviations out turns it off),
+    each channel's dx, dweight and dbias stay within two units in the last place of the dtype at
+    that grad's scale of float64 run on the same inputs, or within twice torch's own error where
+    that is larger (channels 1e3 and 1e4 deviations out, whose values the dtype barely holds)."""
+    gen = torch.Generator().manual_seed(0)
+    eps = torch.finfo(dtype).eps
+
+    def per_channel(t):  # max |t| per channel: dx over dims 0, 2, ...; dweight, dbias as they are
+        return t.abs().amax(dim=[0, *range(2, t.dim())]) if t.dim() > 1 else t.abs()
+
+    for offsets in ([0.0, 1.0, -4.0, 7.5], [0.0, 7.5, 20.0, -1e3, 1e4]):
+        c = len(offsets)
+        shape = {"nc": (2048, c), "nchw_fused": (2, c, 48, 48)}.get(layout, (16, c, 9, 13))
+        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+        view = x.transpose(0, 1)  # view[k]: channel k
+        for k, off in enumerate(offsets):
+            view[k] += off
+        x = x.to(dtype)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        dy = torch.randn(shape, generator=gen).to(dtype)
+        w = (torch.rand(c, generator=gen) + 0.5).to(dtype)
+        b = torch.randn(c, generator=gen).to(dtype)
+        runs = []
+        for fn, cast in ((NF.batch_norm, dtype), (F.batch_norm, dtype),
+                         (F.batch_norm, torch.float64)):
+            xs, ws, bs = (t.to(cast).requires_grad_() for t in (x, w, b))
+            y = fn(xs, None, None, ws, bs, True)
+            runs.append(torch.autograd.grad(y, (xs, ws, bs), dy.to(cast)))
+        for i, name in enumerate(["dx", "dweight", "dbias"]):
+            ours, theirs, ref = (r[i].double() for r in runs)
+            err, torch_err = per_channel(ours - ref), per_channel(theirs - ref)
+            bound = torch.maximum(2 * eps * per_channel(ref), 2 * torch_err)
+            assert (err <= bound).all(), (name, offsets, err, bound)
+
+
 @pytest.mark.parametrize(
     "shape, channels_last",
     [((3, 8, 37), False), ((2, 16, 7, 7), False), ((2, 16, 7, 7), True), ((2, 24, 5, 5), False),

@@ -716,8 +716,9 @@ struct MapBody {
 };
 
 // BatchNorm's dx[i] = a * dy[i] + b * (x[i] - mean) + k (the per-channel constants of the
-// backward formula); without x (HasX false; evaluation), dx = a * dy.
-template <typename T, bool NT, bool NoNan, bool HasX>
+// backward formula); without x (HasX false; evaluation), dx = a * dy. Fold: the folded
+// dx = a * dy + b * x + k, k holding k - b * mean (mean is not used; see kFoldBackward).
+template <typename T, bool NT, bool NoNan, bool HasX, bool Fold = false>
 struct DxBody {
   using P = VecPair<T>;
   static constexpr bool kOverlapTail = true;
@@ -733,7 +734,12 @@ struct DxBody {
         vk(k_) {}
   NORMEXT_INLINE void one(int64_t i) const {
     const A g = static_cast<A>(dy[i]) * a;
-    out[i] = static_cast<T>(HasX ? g + (static_cast<A>(x[i]) - mean) * b + k : g);
+    if constexpr (!HasX)
+      out[i] = static_cast<T>(g);
+    else if constexpr (Fold)
+      out[i] = static_cast<T>(g + static_cast<A>(x[i]) * b + k);
+    else
+      out[i] = static_cast<T>(g + (static_cast<A>(x[i]) - mean) * b + k);
   }
   template <bool S, bool NN>
   NORMEXT_INLINE void put(int64_t i) const {
@@ -744,9 +750,12 @@ struct DxBody {
     } else {
       V x0, x1;
       P::load_lanes(x + i, x0, x1);
-      P::template put_lanes<S, NN>(out + i,
-                                   at::vec::fmadd(g0, va, at::vec::fmadd(x0 - vm, vb, vk)),
-                                   at::vec::fmadd(g1, va, at::vec::fmadd(x1 - vm, vb, vk)));
+      if constexpr (!Fold) {
+        x0 = x0 - vm;
+        x1 = x1 - vm;
+      }
+      P::template put_lanes<S, NN>(out + i, at::vec::fmadd(g0, va, at::vec::fmadd(x0, vb, vk)),
+                                   at::vec::fmadd(g1, va, at::vec::fmadd(x1, vb, vk)));
     }
   }
   NORMEXT_INLINE void step(int64_t i) const { put<NT, NoNan>(i); }
@@ -1038,8 +1047,10 @@ NORMEXT_INLINE void span_scale_shift(const T* x, T* y, int64_t n, acc_t<T> scale
 
 // Sums of dy and dy * (x - mean) over n contiguous values (the two per-group sums that the
 // backward needs), chunked into double like pass 2. A step of `side` (Sidecar) goes along with
-// each whole step.
-template <typename T, typename Side = NoSide>
+// each whole step. Fold: the whole steps sum dy * x, and each lane takes mean * sum(dy) off once
+// a chunk (one subtraction a vector less; for a mean within a few standard deviations of 0,
+// see kFoldBackward in batch_norm.cpp).
+template <typename T, bool Fold = false, typename Side = NoSide>
 NORMEXT_INLINE Sum2 span_grad_sums(const T* dy, const T* x, int64_t n, acc_t<T> mean,
                                    Side&& side_ = NoSide{}) {
   using P = VecPair<T>;
@@ -1059,8 +1070,17 @@ NORMEXT_INLINE Sum2 span_grad_sums(const T* dy, const T* x, int64_t n, acc_t<T> 
       P::load_lanes(x + i, a, b);
       g0 += ga;
       g1 += gb;
-      p0 = at::vec::fmadd(ga, a - vm, p0);
-      p1 = at::vec::fmadd(gb, b - vm, p1);
+      if constexpr (Fold) {
+        p0 = at::vec::fmadd(ga, a, p0);
+        p1 = at::vec::fmadd(gb, b, p1);
+      } else {
+        p0 = at::vec::fmadd(ga, a - vm, p0);
+        p1 = at::vec::fmadd(gb, b - vm, p1);
+      }
+    }
+    if constexpr (Fold) {  // sum(dy * x) - mean * sum(dy), lane by lane
+      p0 = at::vec::fmadd(g0, V(-mean), p0);
+      p1 = at::vec::fmadd(g1, V(-mean), p1);
     }
     // the tail as a masked whole step (see tail_mask)
     if (c1 - i >= kVecTail && c1 - c0 >= P::kStep) {
@@ -1173,8 +1193,9 @@ NORMEXT_INLINE void planes_map(const Op& op, const T* in0, const T* in1, T* out,
 // plane's mean, were 7-11% slower in bf16 than short_spans_moments channel by channel.)
 // The step that straddles two planes adds its lanes to the plane each holds
 // (blends: the other plane's lanes add zero, after the subtraction, so an Inf there cannot turn
-// into NaN). Needs S >= kStep.
-template <typename T>
+// into NaN). Needs S >= kStep. Fold: each plane sums dy * x, and mean * sum(dy) comes off its
+// second sum in double (as span_grad_sums<T, true>).
+template <typename T, bool Fold = false>
 NORMEXT_INLINE void planes_grad_sums(const T* dy, const T* x, int64_t u0, int64_t u1, int64_t S,
                                      int64_t C, const acc_t<T>* m, Sum2* part) {
   using P = VecPair<T>;
@@ -1188,8 +1209,13 @@ NORMEXT_INLINE void planes_grad_sums(const T* dy, const T* x, int64_t u0, int64_
   auto load = [&](int64_t j, const V& vm, V& ga, V& gb, V& da, V& db) {
     V a, b;
     P::load_lanes(x + j, a, b);
-    da = a - vm;
-    db = b - vm;
+    if constexpr (Fold) {
+      da = a;
+      db = b;
+    } else {
+      da = a - vm;
+      db = b - vm;
+    }
     P::load_lanes(dy + j, ga, gb);
   };
   auto add = [&](const V& ga, const V& gb, const V& da, const V& db) {
@@ -1224,8 +1250,12 @@ NORMEXT_INLINE void planes_grad_sums(const T* dy, const T* x, int64_t u0, int64_
         add(V::blendv(ga, zero, ma), V::blendv(gb, zero, mb), V::blendv(da, zero, ma),
             V::blendv(db, zero, mb));
     }
-    part[c].sd += hsum(s0 + s1);
-    part[c].sdd += hsum(q0 + q1);
+    const A sg = hsum(s0 + s1), sq = hsum(q0 + q1);
+    part[c].sd += sg;
+    if constexpr (Fold)
+      part[c].sdd += static_cast<double>(sq) - static_cast<double>(m[c]) * sg;
+    else
+      part[c].sdd += sq;
     if (last) break;
     s0 = s1 = q0 = q1 = zero;
     if (++c == C) c = 0;
@@ -1241,7 +1271,8 @@ NORMEXT_INLINE void planes_grad_sums(const T* dy, const T* x, int64_t u0, int64_
 }
 
 // planes_map's maps: y = x * s + b (ScaleShiftOp, the folded forward), (x - m) * s + h
-// (AffineOp), and BatchNorm's dx = a * dy + b * (x - m) + k (DxOp; GradScaleOp: dx = a * dy).
+// (AffineOp), and BatchNorm's dx = a * dy + b * (x - m) + k (DxOp; DxFoldOp: the folded
+// a * dy + b * x + k; GradScaleOp: dx = a * dy).
 template <typename T>
 struct ScaleShiftOp {
   using A = acc_t<T>;
@@ -1294,6 +1325,21 @@ struct DxOp {
   }
   NORMEXT_INLINE V vec(const V& g, const V& x, const V* v) const {
     return at::vec::fmadd(g, v[0], at::vec::fmadd(x - v[2], v[1], v[3]));
+  }
+};
+template <typename T>
+struct DxFoldOp {
+  using A = acc_t<T>;
+  using V = at::vec::Vectorized<A>;
+  static constexpr int kIn = 2, kK = 3;
+  const A *a, *b, *k;
+  NORMEXT_INLINE void consts(int64_t c, V* v) const {
+    v[0] = V(a[c]);
+    v[1] = V(b[c]);
+    v[2] = V(k[c]);
+  }
+  NORMEXT_INLINE V vec(const V& g, const V& x, const V* v) const {
+    return at::vec::fmadd(g, v[0], at::vec::fmadd(x, v[1], v[2]));
   }
 };
 
