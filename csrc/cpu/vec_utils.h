@@ -593,18 +593,22 @@ inline acc_t<T> plain_mean(const T* x, int64_t n, int64_t stride = 1) {
 }
 
 // Pass 1 over n > 0 contiguous values: the shift m = x0 + sum(x - x0) / n, or the plain mean
-// if that is not finite (x0 = Inf would make every term NaN).
-template <typename T>
-inline acc_t<T> span_shift(const T* x, int64_t n) {
+// if that is not finite (x0 = Inf would make every term NaN). A step of `side` (Sidecar, defined
+// below) goes along with each whole step.
+template <typename T, typename Side>
+inline acc_t<T> span_shift(const T* x, int64_t n, Side&& side_) {
   using P = VecPair<T>;
   using A = typename P::A;
   using V = typename P::V;
+  std::remove_reference_t<Side> side = side_;  // a local: see pass2_lanes
   const A x0 = static_cast<A>(x[0]);
   const V v0(x0);
   // four accumulators: the adds' latency, not the loads, would bound two
   V s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0));
   int64_t i = 0;
   for (; i + 2 * P::kStep <= n; i += 2 * P::kStep) {
+    side.step();
+    side.step();
     V a, b, c, d;
     P::load_lanes(x + i, a, b);
     P::load_lanes(x + i + P::kStep, c, d);
@@ -614,6 +618,7 @@ inline acc_t<T> span_shift(const T* x, int64_t n) {
     s3 += d - v0;
   }
   for (; i + P::kStep <= n; i += P::kStep) {
+    side.step();
     V a, b;
     P::load_lanes(x + i, a, b);
     s0 += a - v0;
@@ -627,6 +632,7 @@ inline acc_t<T> span_shift(const T* x, int64_t n) {
     s3 += (b - v0) & V::loadu(mk + V::size());
     i = n;
   }
+  side_.i = side.i;  // where the side got to
   A s = hsum((s0 + s2) + (s1 + s3));
   for (; i < n; ++i) s += static_cast<A>(x[i]) - x0;
   const A m = x0 + s / static_cast<A>(n);
@@ -689,6 +695,10 @@ struct NoSide {
   int64_t i = 0;
   NORMEXT_INLINE void step() {}
 };
+template <typename T>
+inline acc_t<T> span_shift(const T* x, int64_t n) {
+  return span_shift(x, n, NoSide{});
+}
 
 // y[i] = f(x[i]), f given for a vector of acc_t<T> (fv) and for one value (fs). NoNan: round
 // without the NaN check (VecPair::put_lanes).
@@ -863,14 +873,21 @@ inline bool running_shift(const Moments& acc, int64_t n, A& m) {
 // Moments of n contiguous values. Long spans go one kChunk-sized piece at a time (in L1 for both
 // passes, so the data come from memory once); after the first, a piece takes the running shift
 // and one pass. The pieces merge in order.
-template <typename T>
-inline Moments span_moments(const T* x, int64_t n) {
+// Side: a Sidecar that takes a step along with each whole step of the pass that reads a piece
+// first (pass 1, or pass 2 where the running shift stands in for it).
+template <typename T, typename Side = NoSide>
+inline Moments span_moments(const T* x, int64_t n, Side&& side = NoSide{}) {
   Moments out;
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t len = std::min(kChunk, n - c0);
     acc_t<T> m;
-    if (!running_shift(out, len, m)) m = span_shift(x + c0, len);
-    const Sum2 s2 = span_pass2(x + c0, len, m);
+    Sum2 s2;
+    if (running_shift(out, len, m)) {
+      s2 = span_pass2(x + c0, len, m, side);
+    } else {
+      m = span_shift(x + c0, len, side);
+      s2 = span_pass2(x + c0, len, m);
+    }
     out.merge(moments_from(static_cast<double>(m), s2.sd, s2.sdd, len));
   }
   return out;
