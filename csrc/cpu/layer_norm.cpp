@@ -376,8 +376,6 @@ void column_sums(const T* dy, const T* x, int64_t M, int64_t N, const acc_t<T>* 
   });
 }
 
-}  // namespace
-
 // Rows [r0, r1) of the forward, w or b given: each row's moments (span_moments: pass 1 reads
 // it from memory, pass 2 from L1), then its y (row_forward's RowFwdBody, from L1). The y of a
 // row runs in the same loop as the next row's first pass (a Sidecar: its stores drain while the
@@ -421,6 +419,8 @@ void rows_forward(const T* x, T* y, int64_t r0, int64_t r1, int64_t n, double ep
     });
   }
 }
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
     const at::Tensor& input, int64_t normalized_ndim, const c10::optional<at::Tensor>& weight,
