@@ -1240,13 +1240,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
     const bool need_sums = training || mask[1] || mask[2];
     // the folded sums and dx (kFoldBackward); k then holds k - b * mean
     const bool fold = fold_backward<scalar_t>(sh, training, mean, invstd);
-    auto fold_k = [&](int64_t c) {
-      k[c] = static_cast<A>(static_cast<double>(k[c]) -
-                            static_cast<double>(b[c]) * static_cast<double>(mean[c]));
-    };
     // channels whose folded sums came out NaN or Inf (see kFoldBackward), each flagged by the
     // one thread that sets its constants
     std::vector<char> unfold(fold ? C : 0, 0);
+    // after set_channels(c, s1, s2) of a folded backward: k to k - b * mean, and c flagged where
+    // its sums are not finite
+    auto fold_channel = [&](int64_t c, double s1c, double s2c) {
+      k[c] = static_cast<A>(static_cast<double>(k[c]) -
+                            static_cast<double>(b[c]) * static_cast<double>(mean[c]));
+      unfold[c] = !(std::isfinite(s1c) && std::isfinite(s2c));
+    };
     auto unfold_marked = [&] {
       for (int64_t c = 0; c < static_cast<int64_t>(unfold.size()); ++c)
         if (unfold[c]) unfold_channel(gp, xp, dxp, sh, mean[c], c, set_channels, a, b, k);
@@ -1270,10 +1273,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
               Sum2 sums = parts[0];
               for (int64_t q = 1; q < P; ++q) sums.merge(parts[q]);
               set_channels(c, sums.sd, sums.sdd);
-              if constexpr (F) {
-                fold_k(c);
-                unfold[c] = !(std::isfinite(sums.sd) && std::isfinite(sums.sdd));
-              }
+              if constexpr (F) fold_channel(c, sums.sd, sums.sdd);
               nan_free[c] =
                   training ? finite_all(a[c], b[c], k[c], mean[c]) : finite_all(a[c]);
             },
@@ -1311,10 +1311,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
     for_channel_ranges(C, [&](int64_t c0, int64_t c1) {
       set_channels(c0, c1, s1.data(), s2.data());
       if (fold)
-        for (int64_t c = c0; c < c1; ++c) {
-          fold_k(c);
-          unfold[c] = !(std::isfinite(s1[c]) && std::isfinite(s2[c]));
-        }
+        for (int64_t c = c0; c < c1; ++c) fold_channel(c, s1[c], s2[c]);
     });
     if (!mask[0] || x.numel() == 0) {
       unfold_marked();  // (sums and grads only: no dx)

@@ -69,12 +69,26 @@ inline bool ln_stream(int64_t M, int64_t N, int64_t arrays, int64_t elem_size, c
   return stream_rows(arrays * M * N * elem_size, N * elem_size, out);
 }
 
-// Mean and rstd of one row of n values.
-template <typename T>
-inline void row_moments(const T* x, int64_t n, double eps, double& mean, double& rstd) {
-  const Moments mo = span_moments(x, n);
-  mean = mo.mean;
-  rstd = 1.0 / std::sqrt(mo.var() + eps);
+// A row's forward constants, from its moments: the saved mean and rstd (rounded to A), lo and
+// beta (see RowFwdBody), whether the row takes the folded form (within kFoldOffset), and
+// whether it rounds without the NaN check (finite_all in vec_utils.h; wb_finite: weight and bias
+// finite).
+template <typename A>
+struct RowConsts {
+  A mean, rstd, lo, beta;
+  bool folded, no_nan;
+};
+template <typename A>
+inline RowConsts<A> row_consts(const Moments& mo, double eps, bool wb_finite) {
+  const double m = mo.mean, rs = 1.0 / std::sqrt(mo.var() + eps);
+  RowConsts<A> k;
+  k.mean = static_cast<A>(m);
+  k.rstd = static_cast<A>(rs);
+  k.lo = static_cast<A>(-(m - static_cast<double>(k.mean)) * rs);
+  k.beta = static_cast<A>(-m * static_cast<double>(k.rstd));
+  k.folded = std::fabs(m) * rs <= kFoldOffset;
+  k.no_nan = wb_finite && finite_all(k.mean, k.rstd, k.lo, k.beta);
+  return k;
 }
 
 // y = xhat * w + b over one row, w or b given (the other may be null), with xhat = (x - mean) *
@@ -408,22 +422,20 @@ void rows_forward(const T* x, T* y, int64_t r0, int64_t r1, int64_t n, double ep
   if (r0 >= r1) return;
   Moments mo = span_moments(x + r0 * n, n);
   for (int64_t r = r0; r < r1; ++r) {
-    const double m = mo.mean, rs = 1.0 / std::sqrt(mo.var() + eps);  // as row_moments
-    mean[r] = static_cast<A>(m);
-    rstd[r] = static_cast<A>(rs);
-    const A lo = static_cast<A>(-(m - static_cast<double>(mean[r])) * rs);
-    const A beta = static_cast<A>(-m * static_cast<double>(rstd[r]));
+    const RowConsts<A> k = row_consts<A>(mo, eps, wb_finite);
+    mean[r] = k.mean;
+    rstd[r] = k.rstd;
     const int64_t q = r + 1;  // the next row
     const T* pf = q + 1 < r1 ? x + (q + 1) * n : nullptr;
     auto run = [&](auto folded, auto nn) {
       using Body = RowFwdBody<T, NT, decltype(nn)::value, decltype(folded)::value>;
-      Sidecar<T, NT, Body> side(Body(x + r * n, y + r * n, w, b, mean[r], rstd[r], lo, beta), n,
-                                pf);
+      Sidecar<T, NT, Body> side(Body(x + r * n, y + r * n, w, b, k.mean, k.rstd, k.lo, k.beta),
+                                n, pf);
       if (q < r1) mo = span_moments(x + q * n, n, side);
       side.finish();
     };
-    with_no_nan<T>(wb_finite && finite_all(mean[r], rstd[r], lo, beta), [&](auto nn) {
-      if (std::fabs(m) * rs <= kFoldOffset)
+    with_no_nan<T>(k.no_nan, [&](auto nn) {
+      if (k.folded)
         run(std::true_type{}, nn);
       else
         run(std::false_type{}, nn);
@@ -468,16 +480,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
           }
         }
         for (int64_t r = r0; r < r1; ++r) {
-          double m, rs;
-          row_moments(xp + r * N, N, eps, m, rs);
-          mp[r] = static_cast<A>(m);
-          rp[r] = static_cast<A>(rs);
-          const A lo = static_cast<A>(-(m - static_cast<double>(mp[r])) * rs);
-          const A beta = static_cast<A>(-m * static_cast<double>(rp[r]));
-          const bool folded = std::fabs(m) * rs <= kFoldOffset;
-          with_no_nan<scalar_t>(wb_finite && finite_all(mp[r], rp[r], lo, beta), [&](auto nn) {
+          const RowConsts<A> k = row_consts<A>(span_moments(xp + r * N, N), eps, wb_finite);
+          mp[r] = k.mean;
+          rp[r] = k.rstd;
+          with_no_nan<scalar_t>(k.no_nan, [&](auto nn) {
             row_forward<scalar_t, decltype(nt)::value, decltype(nn)::value>(
-                xp + r * N, yp + r * N, N, mp[r], rp[r], lo, folded ? &beta : nullptr, wp, bp);
+                xp + r * N, yp + r * N, N, k.mean, k.rstd, k.lo, k.folded ? &k.beta : nullptr, wp,
+                bp);
           });
         }
         stream_fence();
