@@ -6,8 +6,10 @@ checks are torch's own."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
+from . import _script
 from . import functional as F
 
 __all__ = [
@@ -27,29 +29,22 @@ class _BatchNormForward:
 
     def _step_args(self):
         """Counts a training step, as torch's _BatchNorm.forward does, and returns the arguments
-        of functional._batch_norm that follow (input): (running_mean, running_var, training,
-        momentum, num_batches_tracked or None for a cumulative average)."""
-        factor = 0.0 if self.momentum is None else self.momentum
-        cumulative = None
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average: factor 1 / num_batches_tracked
-                cumulative = self.num_batches_tracked
-        # Batch statistics in training, and in eval when no running statistics are kept.
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        use_running = not self.training or self.track_running_stats
-        return (
-            self.running_mean if use_running else None,
-            self.running_var if use_running else None,
-            bn_training,
-            factor,
-            cumulative,
+        of functional._batch_norm that follow (input): see _script.step_args."""
+        return _script.step_args(
+            self.training, self.track_running_stats, self.momentum, self.running_mean,
+            self.running_var, self.num_batches_tracked,
         )
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         running_mean, running_var, training, momentum, cumulative = self._step_args()
-        return F._batch_norm(
+        if not torch.jit.is_scripting():  # (torch.jit.script skips this branch)
+            return F._batch_norm(
+                input, running_mean, running_var, self.weight, self.bias, training, momentum,
+                self.eps, cumulative,
+            )
+        # under torch.jit.script: the same, in code that TorchScript compiles (_script.py)
+        return _script.batch_norm(
             input, running_mean, running_var, self.weight, self.bias, training, momentum,
             self.eps, cumulative,
         )
@@ -90,7 +85,10 @@ class LayerNorm(nn.LayerNorm):
     """torch.nn.LayerNorm on normext kernels: normalizes over the trailing normalized_shape."""
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        if not torch.jit.is_scripting():  # (torch.jit.script skips this branch)
+            return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        # under torch.jit.script: the same, in code that TorchScript compiles (_script.py)
+        return _script.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 _REPLACEMENTS = {

@@ -13,6 +13,7 @@ from conftest import (
     DTYPES,
     TOL,
     backward_with_seeded_dy,
+    check,
     compare_runs,
     compare_sample,
     forward_backward,
@@ -411,3 +412,106 @@ def test_moduleinfo_samples(module_db, device, dtype, training):
                 ),
             )
     assert count >= 20, f"only {count} samples compared"
+
+
+# ---- torch.jit.script ------------------------------------------------------------------------
+# torch.nn's modules script, so normext's do (normext/_script.py): the scripted module matches
+# torch.nn over a train/eval sequence (outputs, grads, buffers), saves and loads, and raises
+# where torch's raises.
+
+SCRIPT_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+def _script_steps(ours, theirs, make_x, dtype):
+    """Three calls each (train, eval, train): output, input grad and param grads compared with
+    conftest.check (half dtypes measured against a float64 copy of torch's module run alongside),
+    then the buffers."""
+    ref = copy.deepcopy(theirs).double() if dtype != torch.float64 else None
+    for train in (True, False, True):
+        runs = []
+        for m, dt in ((ours, dtype), (theirs, dtype), (ref, torch.float64)):
+            if m is None:
+                runs.append((None, None, [None] * len(list(theirs.parameters()))))
+                continue
+            m.train(train)
+            if m is ours:
+                x, dy = make_x().to(dtype), None
+            x_in = x.to(dt).clone().requires_grad_()
+            y = m(x_in)
+            if dy is None:
+                dy = torch.randn_like(y)
+            y.backward(dy.to(dt))
+            runs.append((y, x_in.grad, [p.grad for p in m.parameters()]))
+            m.zero_grad()
+        (y, gx, gp), (ye, gxe, gpe), (yr, gxr, gpr) = runs
+        check(f"output, train={train}", y, ye, yr, dtype, "fwd")
+        check(f"input grad, train={train}", gx, gxe, gxr, dtype, "bwd")
+        for i, (g, ge, gr) in enumerate(zip(gp, gpe, gpr)):
+            check(f"param {i} grad, train={train}", g, ge, gr, dtype, "bwd")
+    for name, b in ours.named_buffers():
+        check(name, b, dict(theirs.named_buffers())[name], None, dtype, "fwd")
+
+
+@pytest.mark.parametrize("dtype", SCRIPT_DTYPES, ids=str)
+@pytest.mark.parametrize("kwargs", [k for k in BN_KWARGS if "device" not in k and "dtype" not in k],
+                         ids=str)
+@pytest.mark.parametrize("cls_name", BN_CLASSES)
+def test_batch_norm_script(cls_name, kwargs, dtype):
+    torch.manual_seed(0)
+    theirs = getattr(nn, cls_name)(4, **kwargs).to(dtype)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.uniform_(0.5, 1.5)
+    ours = copy.deepcopy(theirs)
+    ours.__class__ = getattr(normext, cls_name)
+    scripted = torch.jit.script(ours)
+    _script_steps(scripted, theirs, lambda: torch.randn(BN_INPUT[cls_name]), dtype)
+    assert "normext" in scripted.code  # the scripted forward calls normext, not torch.nn
+    for name, b in ours.named_buffers():  # the scripted module updated the original's buffers
+        check(name, b, dict(theirs.named_buffers())[name], None, dtype, "fwd")
+
+
+@pytest.mark.parametrize("dtype", SCRIPT_DTYPES, ids=str)
+@pytest.mark.parametrize("args, kwargs", [a for a in LN_ARGS if "device" not in a[1]
+                                          and "dtype" not in a[1]], ids=str)
+def test_layer_norm_script(args, kwargs, dtype):
+    torch.manual_seed(0)
+    theirs = nn.LayerNorm(args, **kwargs).to(dtype)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.uniform_(0.5, 1.5)
+    ours = copy.deepcopy(theirs)
+    ours.__class__ = normext.LayerNorm
+    shape = (3, *theirs.normalized_shape)
+    _script_steps(torch.jit.script(ours), theirs, lambda: torch.randn(shape), dtype)
+
+
+def test_script_save_load_and_errors():
+    """A scripted converted net saves and loads (with normext imported, its ops are there), and
+    runs as torch's; the scripted modules raise where torch's do."""
+    torch.manual_seed(0)
+    ref = Net()
+    model = normext.convert(copy.deepcopy(ref))
+    buf = io.BytesIO()
+    torch.jit.save(torch.jit.script(model), buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf)
+    x = torch.randn(6, 3, 4, 4)
+    torch.testing.assert_close(loaded(x), ref(x))
+    loaded.eval()
+    ref.eval()
+    torch.testing.assert_close(loaded(x), ref(x))
+    for name, b in loaded.named_buffers():
+        torch.testing.assert_close(b, dict(ref.named_buffers())[name], msg=prefixed(name))
+
+    for cls, x, msg in [
+        ("BatchNorm2d", torch.randn(1, 4, 1, 1), "Expected more than 1 value per channel"),
+        ("BatchNorm2d", torch.randn(2, 4), "expected 4D input"),
+        ("BatchNorm2d", torch.randn(2, 3, 4, 4), "3"),
+        ("LayerNorm", torch.randn(2, 5), r"normalized_shape=\[4\]"),
+    ]:
+        with pytest.raises((RuntimeError, torch.jit.Error)):
+            torch.jit.script(getattr(nn, cls)(4))(x)
+        # a check in the scripted code raises torch.jit.Error, one in an op RuntimeError
+        with pytest.raises((RuntimeError, torch.jit.Error), match=msg):
+            torch.jit.script(getattr(normext, cls)(4))(x)
