@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.fx import Proxy
 
 from . import _script
 from . import functional as F
@@ -24,6 +25,15 @@ __all__ = [
 ]
 
 
+def _fx_leaf(module: nn.Module, input: Proxy) -> Proxy:
+    """Under torch.fx.symbolic_trace: ``module`` as a leaf, one call_module node, as torch.nn's
+    own modules are (FX's default tracer takes modules from the torch.nn namespace as leaves and
+    traces into the others, whose forward here branches on the input). The GraphModule then calls
+    the module itself, so it normalizes with the module's train/eval state at the time."""
+    tracer = input.tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
+
+
 class _BatchNormForward:
     """torch.nn.modules.batchnorm._BatchNorm.forward's bookkeeping, on normext.functional."""
 
@@ -36,14 +46,18 @@ class _BatchNormForward:
         )
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        running_mean, running_var, training, momentum, cumulative = self._step_args()
         if not torch.jit.is_scripting():  # (torch.jit.script skips this branch)
+            if isinstance(input, Proxy):
+                return _fx_leaf(self, input)
+            self._check_input_dim(input)
+            running_mean, running_var, training, momentum, cumulative = self._step_args()
             return F._batch_norm(
                 input, running_mean, running_var, self.weight, self.bias, training, momentum,
                 self.eps, cumulative,
             )
         # under torch.jit.script: the same, in code that TorchScript compiles (_script.py)
+        self._check_input_dim(input)
+        running_mean, running_var, training, momentum, cumulative = self._step_args()
         return _script.batch_norm(
             input, running_mean, running_var, self.weight, self.bias, training, momentum,
             self.eps, cumulative,
@@ -86,6 +100,8 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         if not torch.jit.is_scripting():  # (torch.jit.script skips this branch)
+            if isinstance(input, Proxy):
+                return _fx_leaf(self, input)
             return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
         # under torch.jit.script: the same, in code that TorchScript compiles (_script.py)
         return _script.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)

@@ -33,10 +33,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.fx import Proxy
 
 from . import functional as F
 from . import ops
-from .modules import _BatchNormForward
+from .modules import _BatchNormForward, _fx_leaf
 
 __all__ = ["SyncBatchNorm"]
 
@@ -147,6 +148,8 @@ class SyncBatchNorm(_BatchNormForward, nn.SyncBatchNorm):
     refuses torch's own SyncBatchNorm on CPU); see ``_allow_on_cpu_in_ddp``."""
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, Proxy):
+            return _fx_leaf(self, input)
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         running_mean, running_var, bn_training, factor, cumulative = self._step_args()

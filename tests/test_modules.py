@@ -515,3 +515,40 @@ def test_script_save_load_and_errors():
         # a check in the scripted code raises torch.jit.Error, one in an op RuntimeError
         with pytest.raises((RuntimeError, torch.jit.Error), match=msg):
             torch.jit.script(getattr(normext, cls)(4))(x)
+
+
+# ---- torch.fx -------------------------------------------------------------------------------
+
+
+def test_fx_symbolic_trace_keeps_modules_as_leaves():
+    """torch.fx.symbolic_trace takes torch.nn's modules as leaves (call_module nodes); normext's
+    are leaves too (their forward branches on the input, which FX cannot trace into). The
+    GraphModule then follows the modules' train/eval state, as torch's does."""
+    torch.manual_seed(0)
+    ref = Net()
+    ref.sync = nn.SyncBatchNorm(5)  # single process: a BatchNorm
+    model = normext.convert(copy.deepcopy(ref))
+    model.sync = normext.SyncBatchNorm(5)
+
+    def run(m, x):
+        return m.sync(m(x).unsqueeze(-1)).squeeze(-1)
+
+    class Wrap(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return run(self.inner, x)
+
+    traced, traced_ref = torch.fx.symbolic_trace(Wrap(model)), torch.fx.symbolic_trace(Wrap(ref))
+    calls = {n.target for n in traced.graph.nodes if n.op == "call_module"}
+    assert {"inner.bn2", "inner.bn1", "inner.ln", "inner.head.1", "inner.sync"} <= calls
+    for train in (True, False):
+        traced.train(train)
+        traced_ref.train(train)
+        x = torch.randn(6, 3, 4, 4)
+        torch.testing.assert_close(traced(x), traced_ref(x), msg=prefixed(f"train={train}"))
+    assert_same_state(model, ref, values=False)
+    for (name, b), (_, c) in zip(model.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(b, c, msg=prefixed(name))
