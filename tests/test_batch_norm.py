@@ -171,6 +171,24 @@ def test_short_plane_boundaries(shape, training, dtype):
     run_bn(shape, dtype, training=training)
 
 
+# Rows of more channels than a tile (for_row_tiles in batch_norm.cpp: 1024-4096 columns at a
+# time, by how many per-channel arrays the loop reads), not a multiple of a vector step, in
+# blocks of 8 rows and a remainder: (N, C), (N, C, L) stored as (N, L, C), and channels_last.
+TILE_CASES = [
+    ((9, 4111), "contiguous"),
+    ((3, 5000, 2), "channels_last"),
+    ((2, 2053, 3, 1), "channels_last"),
+    ((17, 9001), "contiguous"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape, layout", TILE_CASES, ids=str)
+def test_wide_rows_in_tiles(shape, layout, training, dtype):
+    run_bn(shape, dtype, layout, training=training, offset=3.0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("where", ["first", "last"])

@@ -421,6 +421,43 @@ inline void for_rows(int64_t R, int64_t C, const F& f) {
   });
 }
 
+// f(r, j0, j1) over columns [j0, j1) of each of R rows of C values, the rows in ranges across
+// threads as for_rows. With more than `tile` columns a range goes kTileRows rows at a time, and
+// those rows tile by tile: the row loops read per-column constants (Rows), and over a whole row
+// of thousands of channels they stream from L2 (a (256, 8192) float32 backward's dx reads four
+// arrays of 32 KB, beside x, dy and dx), where a tile's stay in L1 across the block's rows. The
+// tiles are whole steps (row_tile), so each value takes the same operations either way: the
+// results are the same. Measured, raw ops interleaved in one process, warm, medians of 60
+// (rows -> tiles): (256, 8192) float32 backward 1.10 -> 0.77-0.81 ms, training forward 0.77 ->
+// 0.66-0.74, eval 0.39 -> 0.34-0.36; (4096, 1024) (not tiled) level.
+constexpr int64_t kTileRows = 8;
+constexpr int64_t kTileConstBytes = 16 << 10;
+// columns a tile for row loops over `arrays` per-column arrays of acc_t<T> (whole steps)
+template <typename T>
+inline int64_t row_tile(int64_t arrays) {
+  constexpr int64_t K = VecPair<T>::kStep;
+  const int64_t cols = kTileConstBytes / (std::max<int64_t>(arrays, 1) * sizeof(acc_t<T>));
+  return std::max(K, cols - cols % K);
+}
+template <typename F>
+inline void for_row_tiles(int64_t R, int64_t C, int64_t tile, const F& f) {
+  if (tile >= C) {
+    for_rows(R, C, [&](int64_t r) { f(r, 0, C); });
+    return;
+  }
+  at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
+                   [&](int64_t r0, int64_t r1) {
+    for (int64_t b0 = r0; b0 < r1; b0 += kTileRows) {
+      const int64_t b1 = std::min(r1, b0 + kTileRows);
+      for (int64_t j0 = 0; j0 < C; j0 += tile) {
+        const int64_t j1 = std::min(C, j0 + tile);
+        for (int64_t r = b0; r < b1; ++r) f(r, j0, j1);
+      }
+    }
+    stream_fence();
+  });
+}
+
 // out[c] = 1 / sqrt(var[c] + eps) in double, a vector at a time: the same IEEE square roots and
 // divisions as the scalar formula, so the same results, at about a quarter of the cost (for
 // (2, 8192) inputs these, one per channel, were most of the op).
@@ -1048,9 +1085,13 @@ void channel_apply(const T* g, const T* x, T* out, const BnShape& sh, const acc_
     b = to_lane_order<T>(b, C, lb);
     m = to_lane_order<T>(m, C, lm);
     k = to_lane_order<T>(k, C, lk);
-    for_rows(sh.n * sh.s, C, [&](int64_t r) {
-      Rows<T>::template apply<NT, NoNan>(g == nullptr ? nullptr : g + r * C,
-                                  x == nullptr ? nullptr : x + r * C, out + r * C, C, a, b, m, k);
+    auto at = [](const acc_t<T>* v, int64_t j) { return v == nullptr ? nullptr : v + j; };
+    const int64_t arrays = (a != nullptr) + (b != nullptr) + (m != nullptr) + (k != nullptr);
+    for_row_tiles(sh.n * sh.s, C, row_tile<T>(arrays), [&](int64_t r, int64_t j0, int64_t j1) {
+      const int64_t o = r * C + j0;
+      Rows<T>::template apply<NT, NoNan>(g == nullptr ? nullptr : g + o,
+                                  x == nullptr ? nullptr : x + o, out + o, j1 - j0, at(a, j0),
+                                  at(b, j0), at(m, j0), at(k, j0));
     });
   }
 }
@@ -1191,8 +1232,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
           Scratch<A> ls, lb;
           const A* sc = to_lane_order<scalar_t>(scale, C, ls);
           const A* be = to_lane_order<scalar_t>(beta, C, lb);
-          for_rows(sh.n * sh.s, C, [&](int64_t r) {
-            Rows<scalar_t>::template scale_shift<NT, NN>(xp + r * C, yp + r * C, C, sc, be);
+          for_row_tiles(sh.n * sh.s, C, row_tile<scalar_t>(2),
+                        [&](int64_t r, int64_t j0, int64_t j1) {
+            Rows<scalar_t>::template scale_shift<NT, NN>(xp + r * C + j0, yp + r * C + j0,
+                                                         j1 - j0, sc + j0, be + j0);
           });
         } else {
           channel_apply<scalar_t, NT, NN>(nullptr, xp, yp, sh, nullptr, scale, m, shift);
