@@ -46,18 +46,18 @@ class _BatchNormForward:
         )
 
     def forward(self, input: Tensor) -> Tensor:
-        if not torch.jit.is_scripting():  # (torch.jit.script skips this branch)
+        # (torch.jit.script skips the branches under `not torch.jit.is_scripting()`)
+        if not torch.jit.is_scripting():  # noqa: SIM102 (nested: TorchScript skips only this form)
             if isinstance(input, Proxy):
                 return _fx_leaf(self, input)
-            self._check_input_dim(input)
-            running_mean, running_var, training, momentum, cumulative = self._step_args()
+        self._check_input_dim(input)
+        running_mean, running_var, training, momentum, cumulative = self._step_args()
+        if not torch.jit.is_scripting():
             return F._batch_norm(
                 input, running_mean, running_var, self.weight, self.bias, training, momentum,
                 self.eps, cumulative,
             )
         # under torch.jit.script: the same, in code that TorchScript compiles (_script.py)
-        self._check_input_dim(input)
-        running_mean, running_var, training, momentum, cumulative = self._step_args()
         return _script.batch_norm(
             input, running_mean, running_var, self.weight, self.bias, training, momentum,
             self.eps, cumulative,
