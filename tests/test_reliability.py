@@ -349,6 +349,51 @@ def test_scratch_memory_is_bounded_by_the_input(case):
     assert ratio < 2, f"{case}: peak scratch memory {ratio:.2f}x the input"
 
 
+def test_kept_scratch_between_calls_and_threads():
+    """Per-channel buffers of 32 KB or more come from a block each thread keeps between calls
+    (ScratchArena in vec_utils.h), left as the last call wrote it. Calls of growing and shrinking
+    channel counts, one with NaN and Inf in it, on the main thread and on others, each match
+    torch.nn.functional (a value read before it is written would show here)."""
+    shapes = [(3, 9000), (2, 40000), (5, 4100), (2, 40000), (4, 17000, 2)]
+
+    def run(k):
+        g = torch.Generator().manual_seed(k)
+        for i, shape in enumerate(shapes):
+            x = torch.randn(shape, generator=g) + 2.0
+            if i == 1 and k == 0:
+                x[0, :7] = float("nan")
+                x[1, 7:9] = float("inf")
+            c = shape[1]
+            w, b = torch.randn(c, generator=g), torch.randn(c, generator=g)
+            dy = torch.randn(shape, generator=g)
+            outs = []
+            for fn, dt in ((NF.batch_norm, None), (F.batch_norm, None), (F.batch_norm, "ref")):
+                ts = (x, w, b, dy) if dt is None else (x.double(), w.double(), b.double(), dy.double())
+                xs, ws, bs = (t.clone().requires_grad_() for t in ts[:3])
+                rm, rv = torch.zeros(c, dtype=xs.dtype), torch.ones(c, dtype=xs.dtype)
+                y = fn(xs, rm, rv, ws, bs, True)
+                outs.append((y, *torch.autograd.grad(y, (xs, ws, bs), ts[3]), rm, rv))
+            for i, (name, a, e, r) in enumerate(zip(["y", "dx", "dw", "db", "rm", "rv"], *outs)):
+                check(f"{k}, {shape}, {name}", a, e, r, torch.float32, "fwd" if i == 0 else "bwd")
+
+    run(0)
+    errors = []
+
+    def thread_run(k):
+        try:
+            run(k)
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=thread_run, args=(k,)) for k in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    run(3)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("affine", ["both", "weight", "bias"])
 def test_layer_norm_long_rows(affine, dtype):

@@ -911,12 +911,16 @@ inline bool short_run_planes(const BnShape& sh) {
 // Per-channel moments of x (layout `sh`). Each unit (plane segment or row block) runs both
 // statistics passes over its values while they are in cache, so x is read from memory once;
 // the units' moments merge per channel in a fixed order.
+// Each channel's mean and biased variance into mean[c], var[c].
 template <typename T>
-std::vector<Moments> channel_moments(const T* x, const BnShape& sh) {
+void channel_moments(const T* x, const BnShape& sh, double* mean, double* var) {
   const int64_t C = sh.c;
+  auto put = [&](int64_t c, const Moments& m) {
+    mean[c] = m.mean;
+    var[c] = m.var();
+  };
   if (!sh.channels_last) {
     const Planar pl(sh);
-    std::vector<Moments> out(C);
     if (C >= kTasks && pl.segs == 1 && pl.S <= kChunk) {
       // Short planes channel by channel, as planar_reduce would take them (the same order and
       // grouping, so the same results), with the lanes kept in registers across planes.
@@ -925,29 +929,32 @@ std::vector<Moments> channel_moments(const T* x, const BnShape& sh) {
       // 0.22 -> 0.17. Outputs bitwise the same.
       at::parallel_for(0, C, serial_grain(C, pl.N * pl.S * C), [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c)
-          out[c] = short_spans_moments(x + c * pl.S, C * pl.S, pl.N, pl.S);
+          put(c, short_spans_moments(x + c * pl.S, C * pl.S, pl.N, pl.S));
       });
-      return out;
+      return;
     }
     std::vector<MomentsAcc<acc_t<T>>> acc = planar_reduce<MomentsAcc<acc_t<T>>>(
         pl, /*memory_order=*/false, [&](MomentsAcc<acc_t<T>>& a, int64_t u, int64_t) {
           a.add(x + pl.offset(u), pl.length(u));
         });
-    for (int64_t c = 0; c < C; ++c) out[c] = acc[c].result();
-    return out;
+    for (int64_t c = 0; c < C; ++c) put(c, acc[c].result());
+    return;
   }
   const RowGrid gr(sh, sizeof(T));
   const int64_t T_ = gr.tasks;
   // Task partials: per task, C means and C M2s (at most kTasks * C each; a task covers at least
   // one block of rb >= 8 rows, so this stays below the input's size), and the task's count.
-  std::vector<double> pmean(T_ * C), pm2(T_ * C);
+  // (every task has a block, and merges into its partials before reading them)
+  Scratch<double> pmean_buf, pm2_buf, mean_buf, m2_buf;
+  double* pmean = scratch(pmean_buf, T_ * C);
+  double* pm2 = scratch(pm2_buf, T_ * C);
   at::parallel_for(0, gr.units(), serial_grain(gr.units(), gr.R * C), [&](int64_t u0, int64_t u1) {
     std::vector<acc_t<T>> scratch(3 * gr.width);
     std::vector<double> bmean(gr.width), bm2(gr.width);
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t t = u / gr.groups, g = u % gr.groups;
       const int64_t c0 = gr.col0(g), w = gr.col1(g) - c0;
-      ColMoments acc{0, pmean.data() + t * C + c0, pm2.data() + t * C + c0};
+      ColMoments acc{0, pmean + t * C + c0, pm2 + t * C + c0};
       acc_t<T>* m = scratch.data();
       acc_t<T>* s = m + gr.width;
       acc_t<T>* q = s + gr.width;
@@ -961,26 +968,27 @@ std::vector<Moments> channel_moments(const T* x, const BnShape& sh) {
       }
     }
   });
-  std::vector<double> mean(C), m2(C);
-  ColMoments all{0, mean.data(), m2.data()};
+  double* all_mean = scratch(mean_buf, C);
+  double* all_m2 = scratch(m2_buf, C);
+  std::fill(all_mean, all_mean + C, 0.0);  // (what an empty batch leaves)
+  std::fill(all_m2, all_m2 + C, 0.0);
+  ColMoments all{0, all_mean, all_m2};
   for (int64_t t = 0; t < T_; ++t)
-    all.merge(C, static_cast<double>(gr.task_rows(t)), pmean.data() + t * C, pm2.data() + t * C);
-  std::vector<Moments> out(C);
+    all.merge(C, static_cast<double>(gr.task_rows(t)), pmean + t * C, pm2 + t * C);
   for (int64_t c = 0; c < C; ++c) {
     const int64_t l = gr.lane_col<T>(c);
-    out[c] = Moments{all.n, mean[l], m2[l]};
+    put(c, Moments{all.n, all_mean[l], all_m2[l]});
   }
-  return out;
 }
 
 // Per-channel S1 = sum(dy) and S2 = sum(dy * (x - mean)), in double, merged in a fixed order.
 // fold: S2 from sum(dy * x) (fold_backward; planar only).
 template <typename T>
 void channel_grad_sums(const T* dy, const T* x, const BnShape& sh, const acc_t<T>* mean,
-                       bool fold, std::vector<double>& s1, std::vector<double>& s2) {
+                       bool fold, double* s1, double* s2) {
   const int64_t C = sh.c;
-  s1.assign(C, 0);
-  s2.assign(C, 0);
+  std::fill(s1, s1 + C, 0.0);
+  std::fill(s2, s2 + C, 0.0);
   if (!sh.channels_last) {
     const Planar pl(sh);
     const bool short_planes = sh.s * int64_t(sizeof(T)) < kFusePlaneBytes;
@@ -1008,13 +1016,15 @@ void channel_grad_sums(const T* dy, const T* x, const BnShape& sh, const acc_t<T
   const RowGrid gr(sh, sizeof(T));
   Scratch<acc_t<T>> mean_lanes;
   mean = gr.to_lanes<T>(mean, mean_lanes);
-  std::vector<double> part(gr.tasks * 2 * C, 0.0);
+  Scratch<double> part_buf;
+  double* part = scratch(part_buf, gr.tasks * 2 * C);
+  std::fill(part, part + gr.tasks * 2 * C, 0.0);
   at::parallel_for(0, gr.units(), serial_grain(gr.units(), gr.R * C), [&](int64_t u0, int64_t u1) {
     std::vector<acc_t<T>> scratch(2 * gr.width);
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t t = u / gr.groups, g = u % gr.groups;
       const int64_t c0 = gr.col0(g), w = gr.col1(g) - c0;
-      double* p1 = part.data() + t * 2 * C + c0;
+      double* p1 = part + t * 2 * C + c0;
       double* p2 = p1 + C;
       for (int64_t b = gr.first_block(t); b < gr.first_block(t + 1); ++b) {
         const int64_t r0 = gr.row0(b), n = gr.row1(b) - r0;
@@ -1203,13 +1213,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
     const ParamValues<double> rm(training ? c10::nullopt : running_mean),
         rv(training ? c10::nullopt : running_var);
     if (training) {
-      const std::vector<Moments> mo = channel_moments(xp, sh);
       double* mean_w = scratch(mean_buf, C);
       double* var_w = scratch(var_buf, C);
-      for (int64_t c = 0; c < C; ++c) {
-        mean_w[c] = mo[c].mean;
-        var_w[c] = mo[c].var();
-      }
+      channel_moments(xp, sh, mean_w, var_w);
       mean = mean_w;
       var = var_w;
     } else {
@@ -1349,10 +1355,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(
       run(std::false_type{});
       return;
     }
-    std::vector<double> s1(C, 0.0), s2(C, 0.0);
-    if (need_sums && x.numel() > 0) channel_grad_sums(gp, xp, sh, mean, fold, s1, s2);
+    Scratch<double> s1_buf, s2_buf;
+    double* s1 = scratch(s1_buf, C);
+    double* s2 = scratch(s2_buf, C);
+    if (need_sums && x.numel() > 0) {
+      channel_grad_sums(gp, xp, sh, mean, fold, s1, s2);
+    } else {
+      std::fill(s1, s1 + C, 0.0);
+      std::fill(s2, s2 + C, 0.0);
+    }
     for_channel_ranges(C, [&](int64_t c0, int64_t c1) {
-      set_channels(c0, c1, s1.data(), s2.data());
+      set_channels(c0, c1, s1, s2);
       if (fold)
         for (int64_t c = c0; c < c1; ++c) fold_channel(c, s1[c], s2[c]);
     });
