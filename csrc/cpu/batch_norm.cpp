@@ -410,20 +410,10 @@ struct Rows {
   }
 };
 
-// f(r) for each of R rows of C values, the rows in ranges across threads (each range ends with
-// stream_fence, for rows written with non-temporal stores).
-template <typename F>
-inline void for_rows(int64_t R, int64_t C, const F& f) {
-  at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
-                   [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) f(r);
-    stream_fence();
-  });
-}
-
 // f(r, j0, j1) over columns [j0, j1) of each of R rows of C values, the rows in ranges across
-// threads as for_rows. With more than `tile` columns a range goes kTileRows rows at a time, and
-// those rows tile by tile: the row loops read per-column constants (Rows), and over a whole row
+// threads (each range ends with stream_fence, for rows written with non-temporal stores). A
+// range goes kTileRows rows at a time, and those rows `tile` columns at a time (one tile where
+// the row is no wider): the row loops read per-column constants (Rows), and over a whole row
 // of thousands of channels they stream from L2 (a (256, 8192) float32 backward's dx reads four
 // arrays of 32 KB, beside x, dy and dx), where a tile's stay in L1 across the block's rows. The
 // tiles are whole steps (row_tile), so each value takes the same operations either way: the
@@ -441,10 +431,6 @@ inline int64_t row_tile(int64_t arrays) {
 }
 template <typename F>
 inline void for_row_tiles(int64_t R, int64_t C, int64_t tile, const F& f) {
-  if (tile >= C) {
-    for_rows(R, C, [&](int64_t r) { f(r, 0, C); });
-    return;
-  }
   at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
                    [&](int64_t r0, int64_t r1) {
     for (int64_t b0 = r0; b0 < r1; b0 += kTileRows) {
