@@ -131,12 +131,18 @@ struct RowGrid {
   int64_t task_rows(int64_t t) const {
     return std::min(R, first_block(t + 1) * rb) - std::min(R, first_block(t) * rb);
   }
-  // Where column c sits when each group's per-column arrays are in lane order (VecPair's
-  // load_lanes, relative to the group's first column): the Block loops keep them so.
-  template <typename T>
-  int64_t lane_col(int64_t c) const {
-    const int64_t g = c / width, c0 = col0(g);
-    return c0 + VecPair<T>::lane_pos(c - c0, col1(g) - c0);
+  // f(c, u[l], v[l]) for each column c in order, l its place when each group's per-column
+  // arrays are in lane order (VecPair's load_lanes, relative to the group's first column: the
+  // Block loops keep them so), a group at a time: no division per column.
+  template <typename T, typename F>
+  void from_lanes(const double* u, const double* v, const F& f) const {
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t c0 = col0(g), w = col1(g) - c0;
+      for (int64_t j = 0; j < w; ++j) {
+        const int64_t l = c0 + VecPair<T>::lane_pos(j, w);
+        f(c0 + j, u[l], v[l]);
+      }
+    }
   }
   // v[0, C) per column, copied into each group's lane order (v itself where that is natural).
   template <typename T, typename A>
@@ -207,7 +213,7 @@ struct ColMoments {
 // per-column accumulators live in small arrays (L1) while the rows stream past in memory order.
 // `p` points at the block's first row, `ld` is the row stride (C), `w` the group's width.
 // Every per-column array here (shifts, sums, moments, means) is in the group's lane order
-// (RowGrid::lane_col): the rows are read with load_lanes.
+// (RowGrid::from_lanes): the rows are read with load_lanes.
 template <typename T>
 struct Block {
   using P = VecPair<T>;
@@ -564,13 +570,43 @@ struct BwdConstants {
   }
 
  private:
-  template <bool W, bool DW, bool DB, bool T>  // see FwdConstants::loop
+  // One loop per output over blocks of channels, each simple enough for the compiler to
+  // vectorize (set's body as one loop, with its two divisions and the float/double conversions,
+  // stayed scalar: (4, 8192) float32 backward spent most of its time here, on one thread). The
+  // same operations in the same order as set(), so the same results.
+  template <bool W, bool DW, bool DB, bool T>
   static void loop(int64_t c0, int64_t c1, const double* __restrict s1,
                    const double* __restrict s2, const A* __restrict wp, const A* __restrict rp,
                    int64_t n, A* __restrict dwp, A* __restrict dbp, A* __restrict ap,
                    A* __restrict bp, A* __restrict kp) {
-    for (int64_t c = c0; c < c1; ++c)
-      set<W, DW, DB, T>(c, s1[c], s2[c], wp, rp, n, dwp, dbp, ap, bp, kp);
+    if (n <= 0) {  // an empty batch (see set)
+      for (int64_t c = c0; c < c1; ++c)
+        set<W, DW, DB, T>(c, s1[c], s2[c], wp, rp, n, dwp, dbp, ap, bp, kp);
+      return;
+    }
+    constexpr int64_t kBlock = 256;
+    const double dn = static_cast<double>(n);
+    double gr[kBlock];
+    for (int64_t b0 = c0; b0 < c1; b0 += kBlock) {
+      const int64_t m = std::min(kBlock, c1 - b0);
+      const A* __restrict r = rp + b0;
+      for (int64_t j = 0; j < m; ++j)
+        gr[j] = W ? static_cast<double>(wp[b0 + j]) * static_cast<double>(r[j])
+                  : static_cast<double>(r[j]);
+      if constexpr (DW)
+        for (int64_t j = 0; j < m; ++j)
+          dwp[b0 + j] = static_cast<A>(s2[b0 + j] * static_cast<double>(r[j]));
+      if constexpr (DB)
+        for (int64_t j = 0; j < m; ++j) dbp[b0 + j] = static_cast<A>(s1[b0 + j]);
+      for (int64_t j = 0; j < m; ++j) ap[b0 + j] = static_cast<A>(gr[j]);
+      if constexpr (T) {
+        for (int64_t j = 0; j < m; ++j) {
+          const double rj = static_cast<double>(r[j]);
+          bp[b0 + j] = static_cast<A>(-gr[j] * rj * rj * s2[b0 + j] / dn);
+        }
+        for (int64_t j = 0; j < m; ++j) kp[b0 + j] = static_cast<A>(-gr[j] * s1[b0 + j] / dn);
+      }
+    }
   }
   template <bool W, bool DW, bool DB, bool T>
   NORMEXT_INLINE static void set(int64_t c, double s1, double s2, const A* wp,
@@ -966,10 +1002,9 @@ void channel_moments(const T* x, const BnShape& sh, double* mean, double* var) {
   ColMoments all{0, all_mean, all_m2};
   for (int64_t t = 0; t < T_; ++t)
     all.merge(C, static_cast<double>(gr.task_rows(t)), pmean + t * C, pm2 + t * C);
-  for (int64_t c = 0; c < C; ++c) {
-    const int64_t l = gr.lane_col<T>(c);
-    put(c, Moments{all.n, all_mean[l], all_m2[l]});
-  }
+  gr.from_lanes<T>(all_mean, all_m2, [&](int64_t c, double mean_c, double m2_c) {
+    put(c, Moments{all.n, mean_c, m2_c});
+  });
 }
 
 // Per-channel S1 = sum(dy) and S2 = sum(dy * (x - mean)), in double, merged in a fixed order.
@@ -1024,13 +1059,13 @@ void channel_grad_sums(const T* dy, const T* x, const BnShape& sh, const acc_t<T
       }
     }
   });
-  for (int64_t c = 0; c < C; ++c) {  // each channel adds its tasks' sums in task order
-    const int64_t l = gr.lane_col<T>(c);
-    for (int64_t t = 0; t < gr.tasks; ++t) {
-      s1[c] += part[t * 2 * C + l];
-      s2[c] += part[t * 2 * C + C + l];
-    }
-  }
+  // each channel adds its tasks' sums in task order, a group at a time (the group's lane order
+  // undone by from_lanes; no division per channel)
+  for (int64_t t = 0; t < gr.tasks; ++t)
+    gr.from_lanes<T>(part + t * 2 * C, part + t * 2 * C + C, [&](int64_t c, double p1, double p2) {
+      s1[c] += p1;
+      s2[c] += p2;
+    });
 }
 
 // out = a[c] * g + b[c] * (x - m[c]) + k[c] elementwise, with g or x possibly absent (see Rows);

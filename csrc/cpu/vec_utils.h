@@ -429,12 +429,24 @@ inline bool finite_all(A v, Rest... rest) {
   return std::isfinite(v) && (std::isfinite(rest) && ...);
 }
 
-// Whether v[0 .. w) are all finite (a loop the compiler vectorizes, unlike std::isfinite's).
+// Whether v[0 .. w) are all finite: x - x is 0 for a finite x and NaN for an Inf or a NaN, and a
+// NaN stays in a sum. (A loop of fabs(x) <= max, or-ed into a flag, stayed scalar: a compare and
+// a flag update per value, most of a (2, 1024) float32 training forward's own time.)
 template <typename A>
 inline bool all_finite(int64_t w, const A* v) {
-  bool bad = false;
-  for (int64_t j = 0; j < w; ++j) bad |= !(std::fabs(v[j]) <= std::numeric_limits<A>::max());
-  return !bad;
+  using V = at::vec::Vectorized<A>;
+  V acc(A(0));
+  int64_t j = 0;
+  for (; j + V::size() <= w; j += V::size()) {
+    const V x = V::loadu(v + j);
+    acc = acc + (x - x);
+  }
+  A lanes[V::size()];
+  acc.store(lanes);
+  A s = 0;
+  for (int64_t l = 0; l < V::size(); ++l) s += lanes[l];
+  for (; j < w; ++j) s += v[j] - v[j];
+  return s == 0;
 }
 
 // f(std::true_type) where no_nan and T's stores have a NaN check to skip (VecPair::put_lanes),
