@@ -189,6 +189,45 @@ def test_wide_rows_in_tiles(shape, layout, training, dtype):
     run_bn(shape, dtype, layout, training=training, offset=3.0)
 
 
+# NCHW planes shorter than a vector step, taken as N rows of C * S values where S <= 4 or
+# N >= S (tiny_planes in csrc/cpu/batch_norm.cpp), among them one row (N = 1) and a 5-D input;
+# and (2, 300, 3, 3), which stays on the planar loops.
+TINY_CASES = [(1, 64, 2, 2), (2, 2048, 2, 2), (16, 40, 3, 3), (32, 33, 3), (5, 7, 1, 2),
+              (7, 19, 2, 1, 2), (2, 300, 3, 3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("offset", [0.0, 50.0])  # 50: past the folded forms' range (kFoldOffset)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", TINY_CASES, ids=str)
+def test_tiny_planes_as_rows(shape, training, offset, dtype):
+    run_bn(shape, dtype, training=training, offset=offset)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["x", "dy"])
+def test_nonfinite_tiny_planes(where, bad, dtype):
+    """NaN/Inf in x or dy of one channel of (16, 8, 3, 3), whose planes are taken as rows: its
+    outputs and grads are NaN and Inf where torch's are (a channel's columns merge as a plain sum
+    where a column's mean is not finite), the other channels are untouched."""
+    shape, c = (16, 8, 3, 3), 5
+    x, dy = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+    with torch.no_grad():
+        (x if where == "x" else dy)[9, c, 1, 2] = bad
+    w, b = torch.randn(8, dtype=dtype), torch.randn(8, dtype=dtype)
+    runs = []
+    for fn in (NF.batch_norm, F.batch_norm):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        y = fn(xs, None, None, ws, bs, True)
+        runs.append((y, *torch.autograd.grad(y, (xs, ws, bs), dy)))
+    keep = torch.tensor([k for k in range(8) if k != c])
+    for name, ours, theirs in zip(["y", "dx", "dw", "db"], *runs):
+        torch.testing.assert_close(torch.isnan(ours), torch.isnan(theirs), msg=name)
+        torch.testing.assert_close(torch.isinf(ours), torch.isinf(theirs), msg=name)
+        assert torch.isfinite(ours.index_select(1 if ours.dim() > 1 else 0, keep)).all(), name
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("where", ["first", "last"])
