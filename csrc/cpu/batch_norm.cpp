@@ -110,6 +110,15 @@ struct Planar {
   int64_t channel(int64_t u) const { return plane(u) % C; }
   int64_t offset(int64_t u) const { return plane(u) * S + seg(u) * kSeg; }
   int64_t length(int64_t u) const { return std::min(kSeg, S - seg(u) * kSeg); }
+  // The work of a pass, in values, for the threading thresholds (serial_grain, the reductions'
+  // task counts): each unit's setup and tails count as kUnitValues more. Counted by values
+  // alone, a (2, 1024, 3, 3) input (18432 values) ran on one thread, though its 2048 short
+  // spans took 30-60 us there. Raw ops, variants interleaved in one process, float32 forward /
+  // backward us (by values -> kUnitValues 16 -> 32; torch): (2, 1024, 3, 3) 75 -> 49 -> 50 /
+  // 52 -> 52 -> 39 (41 / 28); (4, 256, 3, 3) 36 -> 35 -> 26 / 30 (25 / 19); (2, 512, 15)
+  // 53 -> 53 -> 36 / 40 (32 / 21); (8, 16, 4, 4) and (2, 64, 5, 5) level (still one thread).
+  static constexpr int64_t kUnitValues = 32;
+  int64_t work() const { return N * S * C + kUnitValues * units; }
 };
 
 struct RowGrid {
@@ -670,7 +679,7 @@ std::vector<R> planar_reduce(const Planar& pl, bool memory_order, const F& add,
   const int64_t C = pl.C;
   std::vector<R> out(C);
   if (C == 0) return out;
-  const int64_t values = pl.N * pl.S * C;
+  const int64_t values = pl.work();
   const int64_t want = std::clamp<int64_t>(std::min(pl.units, values / kSerialValues), 1, kTasks);
   const int64_t cap = kPartialBytes / (C * static_cast<int64_t>(sizeof(R)));
   const int64_t tasks = C >= kTasks ? std::max<int64_t>(1, std::min(want, cap)) : want;
@@ -1009,7 +1018,7 @@ void channel_moments(const T* x, const BnShape& sh, double* mean, double* var,
       // Measured, raw training forward, 2 threads, best of 2 interleaved builds: (32, 512, 7, 7)
       // fp32 0.27 -> 0.15 ms, bf16 0.22 -> 0.17; (32, 256, 14, 14) fp32 0.23 -> 0.17, bf16
       // 0.22 -> 0.17. Outputs bitwise the same.
-      at::parallel_for(0, C, serial_grain(C, pl.N * pl.S * C), [&](int64_t c0, int64_t c1) {
+      at::parallel_for(0, C, serial_grain(C, pl.work()), [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c)
           put(c, short_spans_moments(x + c * pl.S, C * pl.S, pl.N, pl.S));
       });
