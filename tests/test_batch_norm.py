@@ -204,15 +204,37 @@ def test_tiny_planes_as_rows(shape, training, offset, dtype):
     run_bn(shape, dtype, training=training, offset=offset)
 
 
+# Channels-last rows narrower than a vector step, k rows taken as one (narrow_rows in
+# csrc/cpu/batch_norm.cpp: k a power of two dividing the rows), (N, C) inputs among them; and
+# (7, 5, 3, 3), whose 63 rows are odd (k = 1, the rows as they are).
+NARROW_CASES = [((32, 3, 8, 8), "channels_last"), ((4, 8, 6, 6), "channels_last"),
+                ((2, 2, 14, 14), "channels_last"), ((64, 10), "contiguous"),
+                ((24, 1), "contiguous"), ((3, 5, 2, 2, 2), "channels_last"),
+                ((7, 5, 3, 3), "channels_last")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("offset", [0.0, 50.0])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape, layout", NARROW_CASES, ids=str)
+def test_narrow_rows_grouped(shape, layout, training, offset, dtype):
+    run_bn(shape, dtype, layout, training=training, offset=offset)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("where", ["x", "dy"])
-def test_nonfinite_tiny_planes(where, bad, dtype):
-    """NaN/Inf in x or dy of one channel of (16, 8, 3, 3), whose planes are taken as rows: its
-    outputs and grads are NaN and Inf where torch's are (a channel's columns merge as a plain sum
-    where a column's mean is not finite), the other channels are untouched."""
+@pytest.mark.parametrize("channels_last", [False, True], ids=["tiny_planes", "narrow_rows"])
+def test_nonfinite_tiny_planes(channels_last, where, bad, dtype):
+    """NaN/Inf in x or dy of one channel of (16, 8, 3, 3), whose planes (NCHW) or rows (channels
+    last) are regrouped as wider rows: its outputs and grads are NaN and Inf where torch's are (a
+    channel's columns merge as a plain sum where a column's mean is not finite), the other
+    channels are untouched."""
     shape, c = (16, 8, 3, 3), 5
     x, dy = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        dy = dy.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         (x if where == "x" else dy)[9, c, 1, 2] = bad
     w, b = torch.randn(8, dtype=dtype), torch.randn(8, dtype=dtype)

@@ -394,6 +394,25 @@ def test_kept_scratch_between_calls_and_threads():
     run(3)
 
 
+@pytest.mark.parametrize(
+    "shape, channels_last",
+    [((5,), False), ((5, 2, 2), False), ((3, 4, 4), True), ((40, 2), False)],
+    ids=str,
+)
+def test_empty_batch_after_full_one(shape, channels_last):
+    """An empty batch's statistics are zeros (as SyncBatchNorm's empty processes send them), also
+    right after a full batch of the same channels has left its own in the kept scratch. The
+    regrouped paths (narrow channels-last rows, short planes) once returned the previous call's
+    means here."""
+    for n in (8, 0):
+        x = torch.randn(n, *shape)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        _, mean, _, var = ops.batch_norm_fwd(x, None, None, None, None, True, 1e-5)
+    assert torch.equal(mean, torch.zeros(shape[0])), mean
+    assert torch.equal(var, torch.zeros(shape[0])), var
+
+
 FAULTS = textwrap.dedent(
     """
     import resource, torch, normext.functional as NF
