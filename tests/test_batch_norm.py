@@ -189,8 +189,26 @@ def test_wide_rows_in_tiles(shape, layout, training, dtype):
     run_bn(shape, dtype, layout, training=training, offset=3.0)
 
 
+def check_nonfinite_channel(x, dy, c):
+    """Training forward and backward of x (a NaN or Inf placed in channel c of x or dy), random
+    weight and bias: normext's y, dx, dw, db are NaN and Inf exactly where torch's are, and every
+    channel but c is finite."""
+    channels = x.shape[1]
+    w, b = torch.randn(channels, dtype=x.dtype), torch.randn(channels, dtype=x.dtype)
+    runs = []
+    for fn in (NF.batch_norm, F.batch_norm):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        y = fn(xs, None, None, ws, bs, True)
+        runs.append((y, *torch.autograd.grad(y, (xs, ws, bs), dy)))
+    keep = torch.tensor([k for k in range(channels) if k != c])
+    for name, ours, theirs in zip(["y", "dx", "dw", "db"], *runs):
+        torch.testing.assert_close(torch.isnan(ours), torch.isnan(theirs), msg=name)
+        torch.testing.assert_close(torch.isinf(ours), torch.isinf(theirs), msg=name)
+        assert torch.isfinite(ours.index_select(1 if ours.dim() > 1 else 0, keep)).all(), name
+
+
 # NCHW planes shorter than a vector step, taken as N rows of C * S values where S <= 4 or
-# N >= S (tiny_planes in csrc/cpu/batch_norm.cpp), among them one row (N = 1) and a 5-D input;
+# N >= S (Regroup in csrc/cpu/batch_norm.cpp), among them one row (N = 1) and a 5-D input;
 # and (2, 300, 3, 3), which stays on the planar loops.
 TINY_CASES = [(1, 64, 2, 2), (2, 2048, 2, 2), (16, 40, 3, 3), (32, 33, 3), (5, 7, 1, 2),
               (7, 19, 2, 1, 2), (2, 300, 3, 3)]
@@ -204,7 +222,7 @@ def test_tiny_planes_as_rows(shape, training, offset, dtype):
     run_bn(shape, dtype, training=training, offset=offset)
 
 
-# Channels-last rows narrower than a vector step, k rows taken as one (narrow_rows in
+# Channels-last rows narrower than a vector step, k rows taken as one (Regroup in
 # csrc/cpu/batch_norm.cpp: k a power of two dividing the rows), (N, C) inputs among them; and
 # (7, 5, 3, 3), whose 63 rows are odd (k = 1, the rows as they are).
 NARROW_CASES = [((32, 3, 8, 8), "channels_last"), ((4, 8, 6, 6), "channels_last"),
@@ -237,17 +255,7 @@ def test_nonfinite_tiny_planes(channels_last, where, bad, dtype):
         dy = dy.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         (x if where == "x" else dy)[9, c, 1, 2] = bad
-    w, b = torch.randn(8, dtype=dtype), torch.randn(8, dtype=dtype)
-    runs = []
-    for fn in (NF.batch_norm, F.batch_norm):
-        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
-        y = fn(xs, None, None, ws, bs, True)
-        runs.append((y, *torch.autograd.grad(y, (xs, ws, bs), dy)))
-    keep = torch.tensor([k for k in range(8) if k != c])
-    for name, ours, theirs in zip(["y", "dx", "dw", "db"], *runs):
-        torch.testing.assert_close(torch.isnan(ours), torch.isnan(theirs), msg=name)
-        torch.testing.assert_close(torch.isinf(ours), torch.isinf(theirs), msg=name)
-        assert torch.isfinite(ours.index_select(1 if ours.dim() > 1 else 0, keep)).all(), name
+    check_nonfinite_channel(x, dy, c)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -295,18 +303,7 @@ def test_nonfinite_fused(where, bad, dtype):
     x, dy = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
     with torch.no_grad():
         (x if where == "x" else dy)[1, c, 7, 30] = bad
-    w, b = torch.randn(4, dtype=dtype), torch.randn(4, dtype=dtype)
-    runs = []
-    for fn in (NF.batch_norm, F.batch_norm):
-        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
-        y = fn(xs, None, None, ws, bs, True)
-        runs.append((y, *torch.autograd.grad(y, (xs, ws, bs), dy)))
-    keep = [k for k in range(4) if k != c]
-    for name, ours, theirs in zip(["y", "dx", "dw", "db"], *runs):
-        torch.testing.assert_close(torch.isnan(ours), torch.isnan(theirs), msg=name)
-        torch.testing.assert_close(torch.isinf(ours), torch.isinf(theirs), msg=name)
-        k = 1 if ours.dim() > 1 else 0
-        assert torch.isfinite(ours.index_select(k, torch.tensor(keep))).all(), name
+    check_nonfinite_channel(x, dy, c)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

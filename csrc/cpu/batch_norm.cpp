@@ -954,7 +954,7 @@ inline bool short_run_planes(const BnShape& sh) {
 // also N rows of C * S values, column c * S + s holding position s of channel c; as such, the
 // channels-last row loops (vectorized over the columns) take it: each column's statistics over
 // the N rows (then each channel's S columns merged in order of s), and the elementwise passes
-// with each channel's constants repeated over its S columns (tiny_rows, expand_columns).
+// with each channel's constants repeated over its S columns (Regroup, with outer = 1).
 // That costs some 10 ns a column, where the planar loops cost some 60 ns a channel plus a few a
 // plane: so only where S <= 4 or N >= S. Measured, raw ops (below autograd), the two paths and
 // torch interleaved in one process, medians, float32 forward / backward in us (planar -> rows,
@@ -964,54 +964,50 @@ inline bool short_run_planes(const BnShape& sh) {
 // rows measured level or slower: (2, 1024, 3, 3), (4, 1024, 3, 3), (2, 512, 15), (2, 4096, 5)
 // (torch is faster there: 41 against 75 us forward at (2, 1024, 3, 3)). The columns' sums merge
 // per channel in order of s, so the results still depend on the shape alone.
-template <typename T>
-inline bool tiny_planes(const BnShape& sh) {
-  return !sh.channels_last && sh.n > 0 && sh.s > 1 && sh.s < VecPair<T>::kStep &&
-         sh.c * sh.s >= VecPair<T>::kStep && (sh.s <= 4 || sh.n >= sh.s);
-}
-inline BnShape tiny_rows(const BnShape& sh) { return BnShape{sh.n, sh.c * sh.s, 1, true}; }
-// v[c] repeated over the S columns of channel c (null stays null; zero = 0 for a null v)
-template <typename A>
-inline const A* expand_columns(const A* v, int64_t C, int64_t S, Scratch<A>& out,
-                               bool zero = false) {
-  if (v == nullptr && !zero) return nullptr;
-  A* o = scratch(out, C * S);
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t s = 0; s < S; ++s) o[c * S + s] = v == nullptr ? A(0) : v[c];
-  return o;
-}
-
 // Channels-last rows narrower than a vector step (C < kStep: (N, 3, H, W) channels-last, an
 // (N, 8) input) leave the row loops nothing but scalar tails. k consecutive rows are also one
-// row of k * C values, column r * C + c holding channel c of row r: narrow_rows gives the k (a
+// row of k * C values, column r * C + c holding channel c of row r: Regroup's outer is k (a
 // power of two that divides the rows, up to about four steps a row; 1: not taken) and the
 // channels-last loops take the wider rows, each channel's k columns merged in order of r, its
-// constants repeated over them (tile_columns). Measured, raw ops, normext against torch in one
+// constants repeated over them. Measured, raw ops, normext against torch in one
 // process, float32 fwd / bwd / eval us (before -> after; torch): (32, 3, 32, 32) channels-last
 // 272 -> 53 / 329 -> 60 / 115 -> 26 (1700 / 981 / 126); (4, 8, 64, 64) 134 -> 64 / 164 -> 79 /
 // 62 -> 31 (548 / 453 / 41); (1, 2, 224, 224) 375 -> 45 / 438 -> 66 / 158 -> 28 (2590 / 1504 /
 // 173); bfloat16 (32, 3, 32, 32) eval 143 -> 21 (torch 89).
+//
+// Regroup: either layout as `rows` of C * outer * inner columns, column (o * C + c) * inner + i
+// holding channel c (NCHW short planes: outer 1, inner S; narrow channels-last rows: outer k,
+// inner 1). A channel's t-th column (t = o * inner + i) is col(c, t), and its columns merge in
+// order of t. regroup() gives none (outer * inner == 1) where the layout is not taken.
+struct Regroup {
+  BnShape rows;
+  int64_t C = 0, outer = 1, inner = 1;
+  int64_t reps() const { return outer * inner; }
+  explicit operator bool() const { return reps() > 1; }
+  int64_t col(int64_t c, int64_t t) const { return ((t / inner) * C + c) * inner + t % inner; }
+  // v[c] over each channel's columns (null stays null; zero: 0 for a null v)
+  template <typename A>
+  const A* repeat(const A* v, Scratch<A>& out, bool zero = false) const {
+    if (v == nullptr && !zero) return nullptr;
+    A* o = scratch(out, rows.c);
+    for (int64_t t = 0; t < reps(); ++t)
+      for (int64_t c = 0; c < C; ++c) o[col(c, t)] = v == nullptr ? A(0) : v[c];
+    return o;
+  }
+};
 template <typename T>
-inline int64_t narrow_rows(const BnShape& sh) {
+inline Regroup regroup(const BnShape& sh) {
   constexpr int64_t K = VecPair<T>::kStep;
-  const int64_t R = sh.n * sh.s;
-  if (!sh.channels_last || sh.c >= K || sh.c == 0 || R == 0) return 1;
-  int64_t k = 1;
-  while (k * sh.c < 4 * K && R % (2 * k) == 0) k *= 2;
-  return k;
-}
-inline BnShape grouped_rows(const BnShape& sh, int64_t k) {
-  return BnShape{sh.n * sh.s / k, sh.c * k, 1, true};
-}
-// v[0, C) repeated k times (null stays null; zero = 0 for a null v)
-template <typename A>
-inline const A* tile_columns(const A* v, int64_t C, int64_t k, Scratch<A>& out,
-                             bool zero = false) {
-  if (v == nullptr && !zero) return nullptr;
-  A* o = scratch(out, C * k);
-  for (int64_t r = 0; r < k; ++r)
-    for (int64_t c = 0; c < C; ++c) o[r * C + c] = v == nullptr ? A(0) : v[c];
-  return o;
+  Regroup g;
+  g.C = sh.c;
+  if (!sh.channels_last) {  // short planes, where S <= 4 or N >= S
+    if (sh.n > 0 && sh.s > 1 && sh.s < K && sh.c * sh.s >= K && (sh.s <= 4 || sh.n >= sh.s))
+      g.inner = sh.s;
+  } else if (const int64_t R = sh.n * sh.s; sh.c < K && sh.c > 0 && R > 0) {  // narrow rows
+    while (g.outer * sh.c < 4 * K && R % (2 * g.outer) == 0) g.outer *= 2;
+  }
+  g.rows = BnShape{sh.n * sh.s / g.reps(), sh.c * g.reps(), 1, true};
+  return g;
 }
 
 // Per-channel moments of x (layout `sh`). Each unit (plane segment or row block) runs both
@@ -1026,13 +1022,11 @@ void channel_moments(const T* x, const BnShape& sh, double* mean, double* var,
     mean[c] = m.mean;
     var[c] = m2 ? m.m2 : m.var();
   };
-  if (tiny_planes<T>(sh)) {
-    const BnShape rows = tiny_rows(sh);
-    const int64_t S = sh.s;
+  if (const Regroup rg = regroup<T>(sh)) {
     Scratch<double> cm_buf, cq_buf, m_buf, q_buf, tm_buf, tq_buf;
-    double* cm = scratch(cm_buf, rows.c);
-    double* cq = scratch(cq_buf, rows.c);
-    channel_moments(x, rows, cm, cq, /*m2=*/true);  // per column, over the N rows
+    double* cm = scratch(cm_buf, rg.rows.c);
+    double* cq = scratch(cq_buf, rg.rows.c);
+    channel_moments(x, rg.rows, cm, cq, /*m2=*/true);  // per column, over the regrouped rows
     double* all_mean = scratch(m_buf, C);
     double* all_m2 = scratch(q_buf, C);
     double* tm = scratch(tm_buf, C);
@@ -1040,12 +1034,12 @@ void channel_moments(const T* x, const BnShape& sh, double* mean, double* var,
     std::fill(all_mean, all_mean + C, 0.0);  // (what an empty batch leaves)
     std::fill(all_m2, all_m2 + C, 0.0);
     ColMoments all{0, all_mean, all_m2};
-    for (int64_t s = 0; s < S; ++s) {  // column s of every channel, in order of s
+    for (int64_t t = 0; t < rg.reps(); ++t) {  // column t of every channel, in order of t
       for (int64_t c = 0; c < C; ++c) {
-        tm[c] = cm[c * S + s];
-        tq[c] = cq[c * S + s];
+        tm[c] = cm[rg.col(c, t)];
+        tq[c] = cq[rg.col(c, t)];
       }
-      all.merge(C, static_cast<double>(sh.n), tm, tq);
+      all.merge(C, static_cast<double>(rg.rows.n), tm, tq);
     }
     for (int64_t c = 0; c < C; ++c) put(c, Moments{all.n, all_mean[c], all_m2[c]});
     return;
@@ -1069,22 +1063,6 @@ void channel_moments(const T* x, const BnShape& sh, double* mean, double* var,
           a.add(x + pl.offset(u), pl.length(u));
         });
     for (int64_t c = 0; c < C; ++c) put(c, acc[c].result());
-    return;
-  }
-  if (const int64_t k = narrow_rows<T>(sh); k > 1) {
-    const BnShape rows = grouped_rows(sh, k);
-    Scratch<double> cm_buf, cq_buf, m_buf, q_buf;
-    double* cm = scratch(cm_buf, rows.c);
-    double* cq = scratch(cq_buf, rows.c);
-    channel_moments(x, rows, cm, cq, /*m2=*/true);  // per column, over the grouped rows
-    double* all_mean = scratch(m_buf, C);
-    double* all_m2 = scratch(q_buf, C);
-    std::fill(all_mean, all_mean + C, 0.0);  // (what an empty batch leaves)
-    std::fill(all_m2, all_m2 + C, 0.0);
-    ColMoments all{0, all_mean, all_m2};
-    for (int64_t r = 0; r < k; ++r)  // row r of every group, in order of r
-      all.merge(C, static_cast<double>(rows.n), cm + r * C, cq + r * C);
-    for (int64_t c = 0; c < C; ++c) put(c, Moments{all.n, all_mean[c], all_m2[c]});
     return;
   }
   const RowGrid gr(sh, sizeof(T));
@@ -1135,19 +1113,17 @@ void channel_grad_sums(const T* dy, const T* x, const BnShape& sh, const acc_t<T
   const int64_t C = sh.c;
   std::fill(s1, s1 + C, 0.0);
   std::fill(s2, s2 + C, 0.0);
-  if (tiny_planes<T>(sh)) {
-    const BnShape rows = tiny_rows(sh);
-    const int64_t S = sh.s;
+  if (const Regroup rg = regroup<T>(sh)) {
     Scratch<acc_t<T>> mean_buf;
     Scratch<double> c1_buf, c2_buf;
-    double* c1 = scratch(c1_buf, rows.c);
-    double* c2 = scratch(c2_buf, rows.c);
-    // per column over the N rows (unfolded: fold changes only how dx is written)
-    channel_grad_sums(dy, x, rows, expand_columns(mean, C, S, mean_buf), false, c1, c2);
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t s = 0; s < S; ++s) {
-        s1[c] += c1[c * S + s];
-        s2[c] += c2[c * S + s];
+    double* c1 = scratch(c1_buf, rg.rows.c);
+    double* c2 = scratch(c2_buf, rg.rows.c);
+    // per column over the regrouped rows (unfolded: fold changes only how dx is written)
+    channel_grad_sums(dy, x, rg.rows, rg.repeat(mean, mean_buf), false, c1, c2);
+    for (int64_t t = 0; t < rg.reps(); ++t)  // each channel's columns in order of t
+      for (int64_t c = 0; c < C; ++c) {
+        s1[c] += c1[rg.col(c, t)];
+        s2[c] += c2[rg.col(c, t)];
       }
     return;
   }
@@ -1173,20 +1149,6 @@ void channel_grad_sums(const T* dy, const T* x, const BnShape& sh, const acc_t<T
       s1[c] = sums[c].sd;
       s2[c] = sums[c].sdd;
     }
-    return;
-  }
-  if (const int64_t k = narrow_rows<T>(sh); k > 1) {
-    const BnShape rows = grouped_rows(sh, k);
-    Scratch<acc_t<T>> mean_buf;
-    Scratch<double> c1_buf, c2_buf;
-    double* c1 = scratch(c1_buf, rows.c);
-    double* c2 = scratch(c2_buf, rows.c);
-    channel_grad_sums(dy, x, rows, tile_columns(mean, C, k, mean_buf), false, c1, c2);
-    for (int64_t r = 0; r < k; ++r)
-      for (int64_t c = 0; c < C; ++c) {
-        s1[c] += c1[r * C + c];
-        s2[c] += c2[r * C + c];
-      }
     return;
   }
   const RowGrid gr(sh, sizeof(T));
@@ -1226,15 +1188,12 @@ template <typename T, bool NT, bool NoNan = false>
 void channel_apply(const T* g, const T* x, T* out, const BnShape& sh, const acc_t<T>* a,
                    const acc_t<T>* b, const acc_t<T>* m, const acc_t<T>* k) {
   const int64_t C = sh.c;
-  if (tiny_planes<T>(sh)) {
-    // as rows of C * S values, the constants repeated over each channel's S columns; an absent m
-    // (the folded forms) as zeros: x - 0 is x, so the same operations as the planar loops'
-    const int64_t S = sh.s;
+  if (const Regroup rg = regroup<T>(sh)) {
+    // as the regrouped rows, the constants repeated over each channel's columns; an absent m
+    // (the folded forms) as zeros: x - 0 is x, so the same operations as the plain loops'
     Scratch<acc_t<T>> ea, eb, em, ek;
-    channel_apply<T, NT, NoNan>(g, x, out, tiny_rows(sh), expand_columns(a, C, S, ea),
-                                expand_columns(b, C, S, eb),
-                                expand_columns(m, C, S, em, x != nullptr),
-                                expand_columns(k, C, S, ek));
+    channel_apply<T, NT, NoNan>(g, x, out, rg.rows, rg.repeat(a, ea), rg.repeat(b, eb),
+                                rg.repeat(m, em, x != nullptr), rg.repeat(k, ek));
     return;
   }
   if (!sh.channels_last) {
@@ -1276,14 +1235,6 @@ void channel_apply(const T* g, const T* x, T* out, const BnShape& sh, const acc_
       }
       stream_fence();
     });
-  } else if (const int64_t kr = narrow_rows<T>(sh); kr > 1) {
-    // as rows of kr * C values, the constants repeated; an absent m (the folded forward) as
-    // zeros, as in the tiny_planes branch
-    Scratch<acc_t<T>> ea, eb, em, ek;
-    channel_apply<T, NT, NoNan>(g, x, out, grouped_rows(sh, kr), tile_columns(a, C, kr, ea),
-                                tile_columns(b, C, kr, eb),
-                                tile_columns(m, C, kr, em, x != nullptr),
-                                tile_columns(k, C, kr, ek));
   } else {
     Scratch<acc_t<T>> la, lb, lm, lk;
     a = to_lane_order<T>(a, C, la);
@@ -1429,7 +1380,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
     with_stream(bn_stream(sh, 2, sizeof(scalar_t), yp), [&](auto nt) {
       with_no_nan<scalar_t>(no_nan, [&](auto nn) {
         constexpr bool NT = decltype(nt)::value, NN = decltype(nn)::value;
-        if (fold && (!sh.channels_last || narrow_rows<scalar_t>(sh) > 1)) {
+        if (fold && (!sh.channels_last || regroup<scalar_t>(sh))) {
           channel_apply<scalar_t, NT, NN>(nullptr, xp, yp, sh, nullptr, scale, nullptr, beta);
         } else if (fold) {
           Scratch<A> ls, lb;
