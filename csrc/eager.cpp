@@ -171,9 +171,15 @@ PyObject* batch_norm_eager(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     if (p->has_value() && (!param_ok(*p, *x) || (*p)->numel() != C)) Py_RETURN_NONE;
   if (!params_agree({&weight, &bias, &rm, &rv})) Py_RETURN_NONE;
   const int64_t count = C ? numel / C : 0;
-  if (training && count == 1) Py_RETURN_NONE;  // the Python path raises torch's error
+  // torch's batch-size check counts N times the spatial sizes (not numel / C, which an empty
+  // channel dim makes 0); the Python path raises torch's error
+  int64_t per_channel = x->size(0);
+  for (int64_t d = 2; d < x->dim(); ++d) per_channel *= x->size(d);
+  if (training && per_channel == 1) Py_RETURN_NONE;
   const bool update = training && rm.has_value();
-  if (update && (rm->requires_grad() || rv->requires_grad())) Py_RETURN_NONE;
+  // running statistics that require grad: the Python path raises or runs it under no_grad
+  if ((rm.has_value() && rm->requires_grad()) || (rv.has_value() && rv->requires_grad()))
+    Py_RETURN_NONE;
   at::Tensor y;
   {
     pybind11::gil_scoped_release no_gil;

@@ -27,10 +27,27 @@ def batch_norm(
     """functional._batch_norm: normalize, and in training update the running statistics
     (a cumulative average where num_batches_tracked is given). The checks that the op does not
     make are here; the op makes the others (shapes, dtypes, devices)."""
+    # functional._batch_norm's checks, in torch's order (the batch size, eps, the rest)
+    if training and input.dim() >= 1:
+        per_channel = input.size(0)
+        for d in range(2, input.dim()):
+            per_channel *= input.size(d)
+        if per_channel == 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got input size "
+                + str(input.shape)
+            )
+    if training and eps < 0.0:
+        raise ValueError(
+            "batch_norm eps must be positive during training, but got " + str(eps)
+            + " (normext also accepts 0)"
+        )
     if not eps >= 0.0:  # NaN too
         raise ValueError("batch_norm eps must be non-negative, but got " + str(eps))
     if not training and running_mean is None:
         raise RuntimeError("running_mean must be defined in evaluation mode")
+    if not training and running_var is None:
+        raise RuntimeError("running_var must be defined in evaluation mode")
     if input.dim() < 2:
         raise ValueError(
             "batch_norm: expected an input of shape (N, C, *) with at least 2 dims, but got "
@@ -38,11 +55,6 @@ def batch_norm(
         )
     channels = input.size(1)
     count = input.numel() // channels if channels > 0 else 0
-    if training and count == 1:
-        raise ValueError(
-            "Expected more than 1 value per channel when training, got input size "
-            + str(input.shape)
-        )
     if not training:
         return torch.ops.normext.batch_norm_fwd(
             input, weight, bias, running_mean, running_var, False, eps

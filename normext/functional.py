@@ -22,7 +22,8 @@ def _check_input_dtype(fn: str, x: Tensor) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{fn}: input must be a Tensor, but got {type(x).__name__}")
     if x.dtype not in _FLOATING:
-        raise TypeError(
+        # NotImplementedError, as torch's kernels raise for these dtypes (a RuntimeError too)
+        raise NotImplementedError(
             f"{fn}: expected a floating-point input (float32, float64, float16 or bfloat16), "
             f"but got {x.dtype}"
         )
@@ -48,7 +49,7 @@ def _check_param(fn: str, name: str, p: Tensor | None, x: Tensor, shape) -> None
             raise RuntimeError(f"{fn}: {name} should contain {shape} elements not {p.numel()}")
     elif tuple(p.shape) != tuple(shape):
         raise RuntimeError(
-            f"{fn}: expected {name} to be of same shape as normalized_shape, but got {name} of "
+            f"Expected {name} to be of same shape as normalized_shape, but got {name} of "
             f"shape {list(p.shape)} and normalized_shape = {list(shape)}"
         )
 
@@ -84,6 +85,8 @@ def batch_norm(
     unbiased batch variance. Otherwise normalize with running_mean/running_var.
     Unlike current torch, ``eps=0`` is accepted in training (the variance must then be nonzero).
     """
+    if isinstance(momentum, Tensor) and momentum.numel() == 1:
+        momentum = float(momentum)  # torch takes a one-value tensor as its number
     if not isinstance(momentum, numbers.Real):
         raise TypeError(
             f"batch_norm: momentum must be a float, but got {type(momentum).__name__} (the "
@@ -104,13 +107,42 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         if y is not None:
             return y
     fn = "batch_norm"
-    _check_input_dtype(fn, input)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must either both be None or neither be None")
-    if not eps >= 0:  # NaN too
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{fn}: input must be a Tensor, but got {type(input).__name__}")
+    # torch.nn.functional.batch_norm's checks, in its order: the batch size, then eps, then the
+    # op's (dtype, running statistics, shapes).
+    if training and input.dim() >= 1:
+        size = input.shape
+        per_channel = size[0]
+        for s in size[2:]:
+            per_channel *= s
+        if per_channel == 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {size}"
+            )
+    if eps < 0.0:
+        if training:  # torch's message; normext accepts eps=0 in training (DESIGN.md)
+            raise ValueError(
+                f"batch_norm eps must be positive during training, but got {eps} (normext also "
+                "accepts 0)"
+            )
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if not eps >= 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    _check_input_dtype(fn, input)
     if not training and running_mean is None:
         raise RuntimeError("running_mean must be defined in evaluation mode")
+    if not training and running_var is None:
+        raise RuntimeError("running_var must be defined in evaluation mode")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    if torch.is_grad_enabled():
+        for name, r in (("running_mean", running_mean), ("running_var", running_var)):
+            if r is not None and r.requires_grad:
+                raise RuntimeError(
+                    f"batch_norm is not differentiable with respect to {name}: it cannot "
+                    "require grad (as torch's native_batch_norm says)"
+                )
     if input.dim() < 2:
         if input.numel() == 0:
             # torch returns an empty result for an empty 1-D input; treat it as (0, 0).
@@ -132,10 +164,6 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         _check_param(fn, name, p, input, channels)
     _check_params_agree(fn, input, params)
     count = numel // channels if channels else 0
-    if training and count == 1:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {input.size()}"
-        )
 
     if _func.active():  # a torch.func transform: differentiable torch ops (_func.py)
         y, mean, var = _func.batch_norm(
@@ -148,6 +176,9 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         )
     if training and running_mean is not None:
         update = (running_mean, running_var, mean, var, momentum, count, num_batches_tracked)
+        if _func.active():  # in torch ops, which vmap batches (per-model running statistics)
+            _func.update_stats(*update)
+            return y
         # Not differentiated. Entering no_grad costs a few us a call, so only where a tensor in
         # the update could be recorded (the kernels' batch statistics never require grad).
         if torch.is_grad_enabled() and (

@@ -560,12 +560,17 @@ def test_eps_zero_accepted_in_training():
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("eps", [-1e-5, -1.0])
 def test_negative_eps_raises(eps, training):
+    """torch's ValueError and message (its ModuleInfo error inputs match "eps must be positive"
+    in training); the op itself says non-negative, as eps=0 passes it."""
     x = torch.randn(4, 3)
-    with pytest.raises(ValueError, match="eps must be non-negative"):
-        NF.batch_norm(x, torch.zeros(3), torch.ones(3), training=training, eps=eps)
-    m = normext.BatchNorm1d(3, eps=eps).train(training)
-    with pytest.raises(ValueError, match="eps must be non-negative"):
-        m(x)
+    msg = "eps must be positive during training" if training else "eps must be non-negative"
+    for lib in (torch.nn.functional, NF):
+        with pytest.raises(ValueError, match=msg):
+            lib.batch_norm(x, torch.zeros(3), torch.ones(3), training=training, eps=eps)
+    for mod in (torch.nn, normext):
+        m = mod.BatchNorm1d(3, eps=eps).train(training)
+        with pytest.raises(ValueError, match=msg):
+            m(x)
     with pytest.raises(RuntimeError, match="eps must be non-negative"):
         torch.ops.normext.batch_norm_fwd(
             x, None, None, torch.zeros(3), torch.ones(3), training, eps

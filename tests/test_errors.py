@@ -140,17 +140,23 @@ def test_module_errors(desc, make, inp, exc, msg):
     "dtype", [torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64], ids=str
 )
 def test_non_floating_input(dtype):
-    """Integer, bool and complex inputs: a TypeError naming the dtype (torch raises
-    NotImplementedError or RuntimeError from deep inside its kernels)."""
+    """Integer, bool and complex inputs: a NotImplementedError naming the dtype, the exception
+    torch's kernels raise ("not implemented for 'Long'"); torch.nn.LayerNorm's float32
+    parameters make it a RuntimeError there, which NotImplementedError is too."""
     x = torch.ones(4, 3, 5).to(dtype)
     msg = rf"expected a floating-point input .* but got {dtype}"
-    with pytest.raises(TypeError, match=msg):
+    for lib in (torch.nn.functional, NF):
+        with pytest.raises(NotImplementedError):
+            lib.batch_norm(x, None, None, training=True)
+        with pytest.raises(NotImplementedError):
+            lib.layer_norm(x, (5,))
+    with pytest.raises(NotImplementedError, match=msg):
         normext.BatchNorm1d(3)(x)
-    with pytest.raises(TypeError, match=msg):
+    with pytest.raises(RuntimeError, match=msg):
         normext.LayerNorm(5)(x)
-    with pytest.raises(TypeError, match=msg):
+    with pytest.raises(NotImplementedError, match=msg):
         NF.batch_norm(x, None, None, training=True)
-    with pytest.raises(TypeError, match=msg):
+    with pytest.raises(NotImplementedError, match=msg):
         NF.layer_norm(x, (5,))
 
 
@@ -231,7 +237,14 @@ FUNCTIONAL_BN_ERRORS = [
         RuntimeError,
         r"running_var has dtype torch.float64",
     ),
-    ("negative eps", {"eps": -1e-3}, ValueError, r"eps must be non-negative"),
+    ("negative eps", {"eps": -1e-3}, ValueError, r"eps must be positive during training"),
+    (
+        "negative eps, eval",
+        {"eps": -1e-3, "training": False, "running_mean": torch.zeros(3),
+         "running_var": torch.ones(3)},
+        ValueError,
+        r"eps must be non-negative",
+    ),
     (
         "one value per channel",
         {"input": torch.randn(1, 3)},
@@ -273,13 +286,13 @@ FUNCTIONAL_LN_ERRORS = [
         "weight shape",
         (3,),
         {"weight": torch.ones(4)},
-        r"expected weight to be of same shape as normalized_shape, but got weight of shape \[4\]",
+        r"Expected weight to be of same shape as normalized_shape, but got weight of shape \[4\]",
     ),
     (
         "bias shape",
         (3,),
         {"bias": torch.ones(4)},
-        r"expected bias to be of same shape as normalized_shape",
+        r"Expected bias to be of same shape as normalized_shape",
     ),
     (
         "weight flattened",
@@ -666,3 +679,85 @@ def test_mixed_parameter_dtypes_as_torch(half):
                     assert got == expected, (wd, bd, sd, training)
                     n += expected is RuntimeError
     assert n > 0  # some combinations are refused
+
+
+# ---- torch's order and exceptions for BatchNorm's argument checks --------------------------------
+
+TORCH_ORDER_CASES = {
+    # torch checks the batch size first, counting N times the spatial sizes (C does not count)
+    "C=0, N=1, train": (lambda f: f(torch.randn(1, 0), None, None, training=True), ValueError,
+                        "Expected more than 1 value per channel when training"),
+    "int input, N=1, train": (
+        lambda f: f(torch.ones(1, 3, dtype=torch.long), None, None, training=True), ValueError,
+        "Expected more than 1 value per channel when training"),
+    # then eps, before the dtype
+    "int input, eps<0, train": (
+        lambda f: f(torch.ones(4, 3, dtype=torch.long), None, None, training=True, eps=-1.0),
+        ValueError, "eps must be positive during training"),
+    "only running_mean, eval": (
+        lambda f: f(torch.randn(4, 3), torch.zeros(3), None), RuntimeError,
+        "running_var must be defined in evaluation mode"),
+    "only running_var, eval": (
+        lambda f: f(torch.randn(4, 3), None, torch.ones(3)), RuntimeError,
+        "running_mean must be defined in evaluation mode"),
+    "running stats require grad, train": (
+        lambda f: f(torch.randn(4, 3), torch.zeros(3, requires_grad=True),
+                    torch.ones(3, requires_grad=True), training=True),
+        RuntimeError, "not differentiable with respect to"),
+    "running stats require grad, eval": (
+        lambda f: f(torch.randn(4, 3), torch.zeros(3, requires_grad=True),
+                    torch.ones(3, requires_grad=True)),
+        RuntimeError, "not differentiable with respect to"),
+}
+
+
+@pytest.mark.parametrize("case", TORCH_ORDER_CASES)
+def test_batch_norm_checks_in_torchs_order(case):
+    """Where two checks could fail, the one torch raises first, with its exception type (the
+    message is ours where torch's comes from deep inside its kernels)."""
+    call, exc, msg = TORCH_ORDER_CASES[case]
+    with pytest.raises(exc):
+        call(torch.nn.functional.batch_norm)
+    with pytest.raises(exc, match=msg):
+        call(NF.batch_norm)
+
+
+def test_running_stats_requiring_grad_under_no_grad():
+    """torch refuses running statistics that require grad only where grad mode is on."""
+    rm, rv = torch.zeros(3, requires_grad=True), torch.ones(3, requires_grad=True)
+    x = torch.randn(4, 3)
+    with torch.no_grad():
+        y = NF.batch_norm(x, rm, rv, training=True)
+        y_ref = torch.nn.functional.batch_norm(x, rm.clone(), rv.clone(), training=True)
+    torch.testing.assert_close(y, y_ref)
+    assert rm.abs().sum() > 0
+
+
+def test_momentum_as_one_value_tensor():
+    """torch takes a one-value tensor for momentum as its number; so does normext."""
+    x = torch.randn(8, 3)
+    stats = {}
+    for name, f, m in (("tensor", NF.batch_norm, torch.tensor(0.3)),
+                       ("float", NF.batch_norm, float(torch.tensor(0.3))),
+                       ("torch", torch.nn.functional.batch_norm, torch.tensor(0.3))):
+        rm, rv = torch.zeros(3), torch.ones(3)
+        f(x, rm, rv, training=True, momentum=m)
+        stats[name] = (rm, rv)
+    torch.testing.assert_close(stats["tensor"], stats["float"], rtol=0, atol=0)
+    torch.testing.assert_close(stats["tensor"], stats["torch"])
+
+
+def test_torch_layer_norm_error_inputs():
+    """torch's own ErrorInputs of native_layer_norm (OpInfo), against normext.functional's
+    layer_norm: the same exception and a message its regex finds."""
+    pytest.importorskip("expecttest")  # torch.testing._internal needs it
+    from torch.testing._internal.common_methods_invocations import (
+        error_inputs_native_layer_norm,
+    )
+
+    errors = list(error_inputs_native_layer_norm(None, "cpu"))
+    assert len(errors) == 4
+    for e in errors:
+        s = e.sample_input
+        with pytest.raises(e.error_type, match=e.error_regex):
+            NF.layer_norm(s.input, *s.args)

@@ -120,3 +120,82 @@ def test_functional_call_running_statistics():
         torch.testing.assert_close(buffers["ours"][k], buffers["torch"][k], msg=k)
     assert buffers["ours"]["1.num_batches_tracked"].item() == 1
     assert not torch.equal(buffers["ours"]["1.running_mean"], torch.zeros(4, dtype=F64))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_vmap_ensemble_running_statistics(momentum):
+    """torch.func's model ensembling (stack_module_state, then vmap of functional_call) in
+    training: each model's running statistics, stacked, are updated in place as each torch.nn
+    model's own are (the update runs in torch ops there; the custom op has no batching rule).
+    The reference runs the models one by one: torch's module reads num_batches_tracked with
+    .item() for momentum=None, which vmap refuses (ours does not read it on the host)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, 4, 5, 5, dtype=F64)  # one batch of 6 per model
+    ref = [nn.BatchNorm2d(4, momentum=momentum).double() for _ in range(3)]
+    for i, m in enumerate(ref):
+        m.weight.data.fill_(1.0 + i)
+    ours = [normext.convert(copy.deepcopy(m)) for m in ref]
+    params, buffers = torch.func.stack_module_state(ours)
+    base = copy.deepcopy(ours[0]).to("meta")
+    call = lambda p, b, xi: torch.func.functional_call(base, (p, b), (xi,))
+    for _ in range(2):
+        y = torch.vmap(call)(params, buffers, x)
+        y_ref = torch.stack([m(xi) for m, xi in zip(ref, x)])
+    torch.testing.assert_close(y, y_ref)
+    for k, v in buffers.items():
+        torch.testing.assert_close(v, torch.stack([m.get_buffer(k) for m in ref]), msg=k)
+    assert buffers["num_batches_tracked"].tolist() == [2, 2, 2]
+
+
+# ---- forward-mode AD (torch.autograd.forward_ad) ----------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_forward_ad_tangents_match_torch(case):
+    """Dual tensors: the C++ autograd Function has no forward derivative, so inside a dual level
+    normext computes in torch ops (_func.active), as torch's layer_norm and batch_norm support
+    forward AD. The tangent (and the primal) match torch's; after the level, the kernels again."""
+    import torch.autograd.forward_ad as fwAD
+
+    results = {}
+    for name, lib in (("ours", NF), ("torch", F)):
+        f, args = _case(case, lib)
+        tangents = [torch.ones_like(a) * (i + 1) for i, a in enumerate(args)]
+        with fwAD.dual_level():
+            y = f(*[fwAD.make_dual(a, t) for a, t in zip(args, tangents)])
+            results[name] = fwAD.unpack_dual(y)
+    torch.testing.assert_close(results["ours"].primal, results["torch"].primal)
+    torch.testing.assert_close(results["ours"].tangent, results["torch"].tangent)
+    assert not normext._func.active()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gradcheck_forward_ad(case):
+    """torch's OpInfo tests for layer_norm/batch_norm (supports_forward_ad, supports_fwgrad_bwgrad):
+    forward-mode gradcheck, batched forward grads, and forward-over-reverse."""
+    f, args = _case(case, NF)
+    args = tuple(a.requires_grad_() for a in args)
+    assert torch.autograd.gradcheck(
+        f, args, check_forward_ad=True, check_batched_forward_grad=True
+    )
+    assert torch.autograd.gradgradcheck(f, args, check_fwd_over_rev=True)
+
+
+def test_forward_ad_modules_update_running_statistics():
+    """A BatchNorm module in training under forward AD: output tangent as torch.nn's, and the
+    running statistics updated as torch.nn's (without a tangent)."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    x, t = torch.randn(5, 3, 4, dtype=F64), torch.randn(5, 3, 4, dtype=F64)
+    res = {}
+    for name, lib in (("ours", normext), ("torch", nn)):
+        m = lib.BatchNorm1d(3).double()
+        with fwAD.dual_level():
+            y = m(fwAD.make_dual(x, t))
+            res[name] = (fwAD.unpack_dual(y), m.running_mean.clone(), m.running_var.clone())
+            assert fwAD.unpack_dual(m.running_mean).tangent is None
+    for a, b in zip(res["ours"][0], res["torch"][0]):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(res["ours"][1], res["torch"][1])
+    torch.testing.assert_close(res["ours"][2], res["torch"][2])
