@@ -13,6 +13,30 @@ import torch
 from torch import Tensor
 
 
+def check_batch_size_and_eps(input: Tensor, training: bool, eps: float) -> None:
+    """torch.nn.functional.batch_norm's own checks, in its order (before the dtype and the
+    running statistics): in training, more than one value per channel, counted as N times the
+    spatial sizes; then eps, with torch's messages (but eps=0 passes in training, DESIGN.md), a
+    NaN eps refused too. For functional._batch_norm and the scripted forward below."""
+    if training and input.dim() >= 1:
+        per_channel = input.size(0)
+        for d in range(2, input.dim()):
+            per_channel *= input.size(d)
+        if per_channel == 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got input size "
+                + str(input.shape)
+            )
+    if training and eps < 0.0:
+        raise ValueError(
+            "batch_norm eps must be positive during training, but got "
+            + str(eps)
+            + " (normext also accepts 0)"
+        )
+    if not eps >= 0.0:  # NaN too
+        raise ValueError("batch_norm eps must be non-negative, but got " + str(eps))
+
+
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -27,23 +51,7 @@ def batch_norm(
     """functional._batch_norm: normalize, and in training update the running statistics
     (a cumulative average where num_batches_tracked is given). The checks that the op does not
     make are here; the op makes the others (shapes, dtypes, devices)."""
-    # functional._batch_norm's checks, in torch's order (the batch size, eps, the rest)
-    if training and input.dim() >= 1:
-        per_channel = input.size(0)
-        for d in range(2, input.dim()):
-            per_channel *= input.size(d)
-        if per_channel == 1:
-            raise ValueError(
-                "Expected more than 1 value per channel when training, got input size "
-                + str(input.shape)
-            )
-    if training and eps < 0.0:
-        raise ValueError(
-            "batch_norm eps must be positive during training, but got " + str(eps)
-            + " (normext also accepts 0)"
-        )
-    if not eps >= 0.0:  # NaN too
-        raise ValueError("batch_norm eps must be non-negative, but got " + str(eps))
+    check_batch_size_and_eps(input, training, eps)
     if not training and running_mean is None:
         raise RuntimeError("running_mean must be defined in evaluation mode")
     if not training and running_var is None:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import _C, _func, ops
+from . import _C, _func, _script, ops
 
 __all__ = ["batch_norm", "layer_norm"]
 
@@ -18,9 +18,13 @@ _FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _check_input_dtype(fn: str, x: Tensor) -> None:
+def _check_tensor(fn: str, x) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{fn}: input must be a Tensor, but got {type(x).__name__}")
+
+
+def _check_input_dtype(fn: str, x: Tensor) -> None:
+    _check_tensor(fn, x)
     if x.dtype not in _FLOATING:
         # NotImplementedError, as torch's kernels raise for these dtypes (a RuntimeError too)
         raise NotImplementedError(
@@ -107,28 +111,10 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         if y is not None:
             return y
     fn = "batch_norm"
-    if not isinstance(input, Tensor):
-        raise TypeError(f"{fn}: input must be a Tensor, but got {type(input).__name__}")
-    # torch.nn.functional.batch_norm's checks, in its order: the batch size, then eps, then the
-    # op's (dtype, running statistics, shapes).
-    if training and input.dim() >= 1:
-        size = input.shape
-        per_channel = size[0]
-        for s in size[2:]:
-            per_channel *= s
-        if per_channel == 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {size}"
-            )
-    if eps < 0.0:
-        if training:  # torch's message; normext accepts eps=0 in training (DESIGN.md)
-            raise ValueError(
-                f"batch_norm eps must be positive during training, but got {eps} (normext also "
-                "accepts 0)"
-            )
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-    if not eps >= 0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    _check_tensor(fn, input)
+    # torch.nn.functional.batch_norm's own checks (the batch size, then eps; shared with the
+    # scripted forward), then the op's (dtype, running statistics, shapes).
+    _script.check_batch_size_and_eps(input, training, eps)
     _check_input_dtype(fn, input)
     if not training and running_mean is None:
         raise RuntimeError("running_mean must be defined in evaluation mode")
@@ -180,10 +166,9 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
             _func.update_stats(*update)
             return y
         # Not differentiated. Entering no_grad costs a few us a call, so only where a tensor in
-        # the update could be recorded (the kernels' batch statistics never require grad).
-        if torch.is_grad_enabled() and (
-            mean.requires_grad or running_mean.requires_grad or running_var.requires_grad
-        ):
+        # the update could be recorded (the kernels' batch statistics never require grad, and
+        # running statistics that require grad were refused above where grad mode is on).
+        if torch.is_grad_enabled() and mean.requires_grad:
             with torch.no_grad():
                 ops.batch_norm_update_stats_(*update)
         else:
