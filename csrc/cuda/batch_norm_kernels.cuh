@@ -551,29 +551,26 @@ __device__ __forceinline__ void column_sum(double (&v)[N]) {
 // G == 0 (no values, or eval) finishes empty states.
 template <class Op, typename T>
 __device__ __forceinline__ void bn_merge_partials(const BnParams<T>& p) {
-  using A = acc_t<T>;
   const int64_t ch = static_cast<int64_t>(blockIdx.x) * kFinalX + threadIdx.x;
   const int64_t stride = p.groups * p.c;
   const int64_t G = ch < p.c ? p.groups : 0;
-  const A* part = p.partial + ch;
+  // partial g of this channel, in double
+  const auto part = [&](int64_t g) { return promote(Op::load(p.partial + g * p.c + ch, stride)); };
   typename Op::template Slot<double> s{};
-  if constexpr (Op::kParts == 2) {
-    double v[2] = {0, 0};
+  if constexpr (Op::kParts == 2) {  // gradient sums: merge adds
 #pragma unroll 4
-    for (int64_t g = threadIdx.y; g < G; g += kFinalY) {
-      v[0] += static_cast<double>(part[g * p.c]);
-      v[1] += static_cast<double>(part[g * p.c + stride]);
-    }
+    for (int64_t g = threadIdx.y; g < G; g += kFinalY) merge(s, part(g));
+    double v[2] = {s.s1, s.s2};
     column_sum(v);
     s = {v[0], v[1]};
   } else {
     double v[2] = {0, 0};
 #pragma unroll 4
     for (int64_t g = threadIdx.y; g < G; g += kFinalY) {
-      const double n = static_cast<double>(part[g * p.c]);
-      if (n > 0) {
-        v[0] += n;
-        v[1] += n * static_cast<double>(part[g * p.c + stride]);
+      const auto q = part(g);
+      if (q.n > 0) {
+        v[0] += q.n;
+        v[1] += q.n * q.mean;
       }
     }
     column_sum(v);
@@ -581,10 +578,10 @@ __device__ __forceinline__ void bn_merge_partials(const BnParams<T>& p) {
     double m2[1] = {0};
 #pragma unroll 4
     for (int64_t g = threadIdx.y; g < G; g += kFinalY) {
-      const double ng = static_cast<double>(part[g * p.c]);
-      if (ng > 0) {
-        const double d = static_cast<double>(part[g * p.c + stride]) - mean;
-        m2[0] += static_cast<double>(part[g * p.c + 2 * stride]) + ng * d * d;
+      const auto q = part(g);
+      if (q.n > 0) {
+        const double d = q.mean - mean;
+        m2[0] += q.m2 + q.n * d * d;
       }
     }
     column_sum(m2);
